@@ -1,0 +1,325 @@
+//! Loading the kernel programs, attaching them, and reading their events.
+
+pub mod event;
+pub mod layout;
+pub mod probes;
+
+use std::{future::Future, os::fd::AsRawFd, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tokio::io::{Interest, unix::AsyncFd};
+use wirespan_common::{MAX_CAPTURE, Settings, lost, names, pid_filter};
+
+pub use event::{DecodeError, Direction, EventKind, SocketEvent};
+use layout::{KernelBtf, LayoutError};
+use probes::{PROBES, Probe};
+
+/// The kernel object built from `ebpf/` by build.rs. Empty when built with AYA_BUILD_SKIP.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wirespan"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "this wirespan binary was built without its kernel programs (AYA_BUILD_SKIP); rebuild without it"
+    )]
+    NoObject,
+    #[error(
+        "kernel layout could not be derived, refusing to read this kernel's memory blindly: {0}"
+    )]
+    Layout(#[from] LayoutError),
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("kernel map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("nothing useful attached ({reason}); first failure: {first}")]
+    NothingAttached { reason: String, first: String },
+    #[error("capture-bytes must be between 0 and {max}, got {got}")]
+    CaptureBytes { got: u32, max: usize },
+    #[error("ring buffer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What to capture.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Bytes copied per call (the rest is counted in the event's length).
+    pub capture_bytes: u32,
+    /// When non-empty, only these processes are traced.
+    pub pids: Vec<u32>,
+    /// Never traced (wirespan itself is always added).
+    pub exclude_pids: Vec<u32>,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            capture_bytes: wirespan_common::DEFAULT_CAPTURE,
+            pids: Vec::new(),
+            exclude_pids: Vec::new(),
+            ring_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Receives what the capture loop reads.
+pub trait EventSink {
+    /// One ring buffer record, decoded (or why it could not be).
+    fn event(&mut self, event: Result<SocketEvent<'_>, DecodeError>);
+    /// The ring buffer has been drained; `lost` holds the kernel's loss counters so far.
+    fn idle(&mut self, _lost: &Lost) {}
+}
+
+/// A probe that did not attach, and why.
+#[derive(Clone, Debug)]
+pub struct AttachFailure {
+    pub program: &'static str,
+    pub reason: String,
+}
+
+/// Kernel-side loss counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lost {
+    pub ringbuf_full: u64,
+    pub inflight_full: u64,
+    pub read_failed: u64,
+}
+
+/// Loaded and attached programs. Dropping it detaches everything.
+pub struct Capture {
+    // Holds the programs and their links: dropping it detaches.
+    _ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub attached: Vec<Probe>,
+    pub failures: Vec<AttachFailure>,
+}
+
+impl Capture {
+    /// Derives the kernel layout, loads the programs, fills the pid filter and attaches every
+    /// probe it can. Fails only when what attached cannot see traffic.
+    pub fn start(config: &CaptureConfig) -> Result<Self, CaptureError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::NoObject);
+        }
+        if config.capture_bytes as usize > MAX_CAPTURE {
+            return Err(CaptureError::CaptureBytes {
+                got: config.capture_bytes,
+                max: MAX_CAPTURE,
+            });
+        }
+        let tracefs = layout::tracefs()?;
+        let btf = KernelBtf::open(Path::new(KernelBtf::DEFAULT_PATH))?;
+        let kernel_layout = layout::derive(&tracefs, &btf)?;
+        let settings = Settings {
+            capture_bytes: config.capture_bytes,
+            filter_mode: if config.pids.is_empty() {
+                pid_filter::ALL_EXCEPT_IGNORED
+            } else {
+                pid_filter::ONLY_LISTED
+            },
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::LAYOUT, &kernel_layout, true)
+            .override_global(names::SETTINGS, &settings, true)
+            .map_max_entries(names::EVENTS, config.ring_bytes)
+            .load(EBPF_OBJECT)?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("kernel-side logging unavailable: {e}");
+                None
+            }
+        };
+
+        {
+            let map = ebpf.map_mut(names::PID_FILTER).ok_or(CaptureError::Map {
+                name: names::PID_FILTER,
+                source: aya::maps::MapError::InvalidName {
+                    name: names::PID_FILTER.into(),
+                },
+            })?;
+            let mut filter: HashMap<&mut MapData, u32, u32> =
+                HashMap::try_from(map).map_err(|source| CaptureError::Map {
+                    name: names::PID_FILTER,
+                    source,
+                })?;
+            let me = std::process::id();
+            for (pid, v) in config
+                .pids
+                .iter()
+                .map(|&p| (p, pid_filter::TRACE))
+                .chain(config.exclude_pids.iter().map(|&p| (p, pid_filter::IGNORE)))
+                .chain([(me, pid_filter::IGNORE)])
+            {
+                filter
+                    .insert(pid, v, 0)
+                    .map_err(|source| CaptureError::Map {
+                        name: names::PID_FILTER,
+                        source,
+                    })?;
+            }
+        }
+
+        let mut attached = Vec::new();
+        let mut failures = Vec::new();
+        for probe in PROBES {
+            // The exit program first: an enter without its exit would only fill the in-flight
+            // table.
+            let mut programs = vec![];
+            if let Some(exit) = probe.exit {
+                programs.push((exit, format!("sys_exit_{}", probe.syscall)));
+            }
+            programs.push((probe.enter, format!("sys_enter_{}", probe.syscall)));
+            let mut ok = true;
+            for (program, tracepoint) in programs {
+                if let Err(reason) = attach(&mut ebpf, program, &tracepoint) {
+                    log::warn!("probe {program} on syscalls:{tracepoint} not attached: {reason}");
+                    failures.push(AttachFailure { program, reason });
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                attached.push(*probe);
+            }
+        }
+        if let Err(reason) = probes::useful(&attached) {
+            let first = failures
+                .first()
+                .map(|f| format!("{}: {}", f.program, f.reason))
+                .unwrap_or_else(|| "none".into());
+            return Err(CaptureError::NothingAttached { reason, first });
+        }
+
+        let events = take_map(&mut ebpf, names::EVENTS)?;
+        let lost = take_map(&mut ebpf, names::LOST)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            events,
+            lost,
+            logger,
+            attached,
+            failures,
+        })
+    }
+
+    /// Kernel-side losses so far.
+    pub fn lost(&self) -> Lost {
+        read_lost(&self.lost)
+    }
+
+    /// Reads events until `shutdown` completes, handing each decoded record to `sink`.
+    pub async fn run(
+        self,
+        sink: &mut impl EventSink,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Lost, CaptureError> {
+        let Self {
+            _ebpf,
+            events,
+            lost,
+            logger,
+            ..
+        } = self;
+        // SAFETY (both registrations): the registered descriptor is owned by the value the
+        // AsyncFd takes ownership of, so it stays open for as long as it is registered.
+        let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| CaptureError::Io(e.into()))?;
+        let mut logger = match logger {
+            Some(l) => Some(
+                unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                    .map_err(|e| CaptureError::Io(e.into()))?,
+            ),
+            None => None,
+        };
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        sink.event(SocketEvent::decode(&item));
+                    }
+                    guard.clear_ready();
+                    sink.idle(&read_lost(&lost));
+                }
+                guard = async {
+                    match logger.as_mut() {
+                        Some(l) => l.readable_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let mut guard = guard?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        // Drain what is already in the ring so nothing accepted is dropped at shutdown.
+        let ring = events.get_mut();
+        while let Some(item) = ring.next() {
+            sink.event(SocketEvent::decode(&item));
+        }
+        let total = read_lost(&lost);
+        sink.idle(&total);
+        log::debug!("ring buffer fd {} closed", events.as_raw_fd());
+        Ok(total)
+    }
+}
+
+fn read_lost(map: &PerCpuArray<MapData, u64>) -> Lost {
+    let sum = |i: u32| {
+        map.get(&i, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    };
+    Lost {
+        ringbuf_full: sum(lost::RINGBUF_FULL),
+        inflight_full: sum(lost::INFLIGHT_FULL),
+        read_failed: sum(lost::READ_FAILED),
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| "program missing from the object".to_string())?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load().map_err(|e| verifier_reason(&e))?;
+    prog.attach("syscalls", tracepoint)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The verifier's last lines say why; the whole log is at debug level.
+fn verifier_reason(e: &aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    log::debug!("{text}");
+    let tail: Vec<&str> = text.lines().rev().take(3).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CaptureError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}

@@ -1,0 +1,90 @@
+//! Offsets the kernel programs need, found by the agent at load time.
+//!
+//! Nothing here is hard-coded to one kernel: the agent reads the tracepoint format files and the
+//! kernel's BTF, fills a `KernelLayout`, and writes it into the programs' `LAYOUT` global. The
+//! programs do nothing while `valid` is 0, so a kernel whose layout could not be derived is never
+//! read as garbage.
+
+/// Byte offsets, all relative to the start of the named struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// 1 once the agent has filled every field; 0 makes every program return at once.
+    pub valid: u32,
+    /// Offset of the first syscall argument in a `syscalls:sys_enter_*` record; arguments are
+    /// 8 bytes apart (checked against every format file at load).
+    pub tp_args: u32,
+    /// Offset of `ret` in a `syscalls:sys_exit_*` record.
+    pub tp_ret: u32,
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `file.private_data`
+    pub file_private_data: u32,
+    /// `inode.i_mode`
+    pub inode_mode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
+    /// `socket.type`
+    pub socket_type: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`
+    pub sk_family: u32,
+    /// `sock.sk_protocol`
+    pub sk_protocol: u32,
+    /// `sock.__sk_common.skc_daddr`
+    pub sk_daddr: u32,
+    /// `sock.__sk_common.skc_rcv_saddr`
+    pub sk_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_dport`
+    pub sk_dport: u32,
+    /// `sock.__sk_common.skc_num`
+    pub sk_num: u32,
+    /// `sock.__sk_common.skc_v6_daddr`
+    pub sk_v6_daddr: u32,
+    /// `sock.__sk_common.skc_v6_rcv_saddr`
+    pub sk_v6_rcv_saddr: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 22 * 4);
+
+impl KernelLayout {
+    pub const fn zeroed() -> Self {
+        Self {
+            valid: 0,
+            tp_args: 0,
+            tp_ret: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdt_max_fds: 0,
+            fdt_fd: 0,
+            file_inode: 0,
+            file_private_data: 0,
+            inode_mode: 0,
+            inode_ino: 0,
+            socket_type: 0,
+            socket_sk: 0,
+            sk_family: 0,
+            sk_protocol: 0,
+            sk_daddr: 0,
+            sk_rcv_saddr: 0,
+            sk_dport: 0,
+            sk_num: 0,
+            sk_v6_daddr: 0,
+            sk_v6_rcv_saddr: 0,
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only u32 fields, no padding (size checked above), any bit pattern is valid.
+unsafe impl aya::Pod for KernelLayout {}

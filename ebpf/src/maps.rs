@@ -1,0 +1,92 @@
+//! Maps and globals shared by every program.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use wirespan_common::{EventBuf, KernelLayout, Settings, lost};
+
+use crate::sock::TcpSock;
+
+/// Filled by the agent at load time from BTF and the tracepoint format files.
+#[unsafe(no_mangle)]
+pub static LAYOUT: KernelLayout = KernelLayout::zeroed();
+
+/// Filled by the agent at load time from its configuration.
+#[unsafe(no_mangle)]
+pub static SETTINGS: Settings = Settings::zeroed();
+
+/// Events to userspace. 16 MiB holds about a second of saturated loopback HTTP with 4 KiB
+/// prefixes; the agent can resize it at load time.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// tgid -> `pid_filter::TRACE` / `pid_filter::IGNORE`, maintained by the agent.
+#[map(name = "PID_FILTER")]
+pub static PID_FILTER: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+/// Per-CPU loss counters, indexed by `lost::*`.
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::COUNT, 0);
+
+/// One event under construction per CPU: events are larger than the 512-byte stack.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// A syscall between its enter and exit tracepoints, keyed by pid_tgid (one per thread).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Inflight {
+    /// The user buffer, iovec array or msghdr, per `syscall`.
+    pub buf: u64,
+    /// Number of iovecs for readv/writev.
+    pub iovcnt: u64,
+    /// The socket found at enter (`struct sock *`), its inode number and family.
+    pub sk: u64,
+    pub ino: u64,
+    pub family: u32,
+    pub fd: i32,
+    pub syscall: u32,
+    /// recv flags (MSG_PEEK data is read again later and must not be reported twice).
+    pub flags: u32,
+}
+
+impl Inflight {
+    #[inline(always)]
+    pub fn sock(&self) -> TcpSock {
+        TcpSock {
+            sk: self.sk as *const u8,
+            ino: self.ino,
+            family: self.family as u16,
+        }
+    }
+}
+
+/// LRU so that a thread that never returns (killed in the syscall) cannot leak an entry.
+#[map(name = "INFLIGHT")]
+pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(65536, 0);
+
+/// Reads a global the agent wrote at load time.
+///
+/// The volatile read keeps the compiler from folding the zeroed initial value into the code:
+/// the real value only exists in the loaded map.
+#[inline(always)]
+pub fn layout() -> KernelLayout {
+    // SAFETY: LAYOUT is a valid, aligned static; volatile only forbids constant folding.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    // SAFETY: as for `layout`.
+    unsafe { core::ptr::read_volatile(&SETTINGS) }
+}
+
+#[inline(always)]
+pub fn count_lost(index: u32) {
+    if let Some(counter) = LOST.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot is only touched by this CPU, and programs do not
+        // preempt each other on one CPU for tracepoints.
+        unsafe { *counter += 1 };
+    }
+}

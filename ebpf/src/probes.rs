@@ -1,0 +1,401 @@
+//! The tracepoint entry points: thin wrappers around `enter` and `exit`.
+//!
+//! Program names follow `sock_<enter|exit>_<syscall>`; the agent attaches each to
+//! `syscalls:sys_<enter|exit>_<syscall>` from one table (agent/src/capture/probes.rs).
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use wirespan_common::{
+    EventHeader, KernelLayout, MAX_CAPTURE, direction, kind, lost, pid_filter, syscall,
+};
+
+use crate::{
+    maps::{EVENTS, INFLIGHT, Inflight, PID_FILTER, SCRATCH, count_lost, layout, settings},
+    payload,
+    sock::{TcpSock, fill_endpoints, tcp_socket},
+};
+
+const MSG_PEEK: u32 = 2;
+const EINPROGRESS: i64 = 115;
+/// Marks "this syscall has no such argument" in `Args`.
+const NO_ARG: u32 = u32::MAX;
+
+/// Where a syscall's interesting arguments sit (argument indexes, 8 bytes apart).
+#[derive(Clone, Copy)]
+struct Args {
+    fd: u32,
+    buf: u32,
+    count: u32,
+    flags: u32,
+}
+
+const fn args(fd: u32, buf: u32, count: u32, flags: u32) -> Args {
+    Args {
+        fd,
+        buf,
+        count,
+        flags,
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, layout: &KernelLayout, index: u32) -> u64 {
+    if index == NO_ARG {
+        return 0;
+    }
+    // SAFETY: tracepoint records hold 8-byte arguments from `tp_args` on; the agent checked each
+    // format file's field offsets before loading. The helper tolerates a bad offset.
+    unsafe { ctx.read_at::<u64>((layout.tp_args + 8 * index) as usize) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    // SAFETY: the value is a plain u32 copied out immediately; the map is never deleted from
+    // under us while the program runs.
+    match unsafe { PID_FILTER.get(&tgid) } {
+        Some(&pid_filter::IGNORE) => false,
+        Some(&pid_filter::TRACE) => true,
+        _ => settings().filter_mode == pid_filter::ALL_EXCEPT_IGNORED,
+    }
+}
+
+/// Records a syscall on a TCP socket of a traced process until its exit.
+#[inline(always)]
+fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
+    let layout = layout();
+    if layout.valid == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let fd = arg(ctx, &layout, at.fd) as i64;
+    let Some(sock) = tcp_socket(&layout, fd) else {
+        return 0;
+    };
+    let inflight = Inflight {
+        sk: sock.sk as u64,
+        ino: sock.ino,
+        family: sock.family as u32,
+        buf: arg(ctx, &layout, at.buf),
+        iovcnt: arg(ctx, &layout, at.count),
+        fd: fd as i32,
+        syscall: id,
+        flags: arg(ctx, &layout, at.flags) as u32,
+    };
+    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
+        count_lost(lost::INFLIGHT_FULL);
+        warn!(
+            ctx,
+            "wirespan: in-flight table full, syscall {} not followed", id
+        );
+    }
+    0
+}
+
+/// Takes this thread's in-flight record if it belongs to syscall `id`.
+#[inline(always)]
+fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
+    // SAFETY: the value is copied out before the entry is removed.
+    let found = unsafe { INFLIGHT.get(&pid_tgid) }.copied()?;
+    let _ = INFLIGHT.remove(&pid_tgid);
+    (found.syscall == id).then_some(found)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext, layout: &KernelLayout) -> i64 {
+    // SAFETY: `ret` sits at `tp_ret` in every sys_exit record (checked by the agent at load).
+    unsafe { ctx.read_at::<i64>(layout.tp_ret as usize) }.unwrap_or(-1)
+}
+
+/// What to put after the header.
+#[derive(Clone, Copy)]
+enum Payload {
+    None,
+    Buf(u64),
+    Iov(u64, u64),
+    Msghdr(u64),
+}
+
+/// Builds the event in per-CPU scratch space and sends header + captured prefix.
+#[inline(always)]
+fn emit(
+    pid_tgid: u64,
+    fd: i32,
+    sock: &TcpSock,
+    layout: &KernelLayout,
+    ev: (u32, u32, u32),
+    len: u64,
+    payload: Payload,
+) {
+    let (event_kind, id, dir) = ev;
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: `buf` is this CPU's scratch slot; nothing else uses it while we run.
+    let buf = unsafe { &mut *buf };
+    let header = &mut buf.header;
+    // SAFETY: a helper without preconditions.
+    header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    header.pid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
+    header.fd = fd;
+    header.kind = event_kind;
+    header.direction = dir;
+    header.syscall = id;
+    header.len = len;
+    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    fill_endpoints(layout, sock, header);
+
+    let limit = {
+        let want = settings().capture_bytes as u64;
+        if want < len { want } else { len }
+    };
+    let data = buf.data.as_mut_ptr();
+    let copied = match payload {
+        Payload::None => Some(0),
+        Payload::Buf(src) => payload::copy_buf(data, src, limit),
+        Payload::Iov(iov, cnt) => payload::copy_iov(data, iov, cnt, limit),
+        Payload::Msghdr(msg) => payload::copy_msghdr(data, msg, limit),
+    };
+    let captured = copied.unwrap_or_else(|| {
+        count_lost(lost::READ_FAILED);
+        0
+    });
+    let captured = if captured as usize > MAX_CAPTURE {
+        MAX_CAPTURE
+    } else {
+        captured as usize
+    };
+    buf.header.captured = captured as u32;
+    let size = size_of::<EventHeader>() + captured;
+    // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
+    let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count_lost(lost::RINGBUF_FULL);
+    }
+}
+
+/// Exit of a data syscall: report `ret` bytes, with a prefix, in `dir`.
+#[inline(always)]
+fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inflight) = take_inflight(pid_tgid, id) else {
+        return 0;
+    };
+    let layout = layout();
+    let len = ret(ctx, &layout);
+    if len <= 0 || inflight.flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    // The syscall holds a reference on the file until it returns, so the socket found at
+    // enter is still alive here.
+    let sock = inflight.sock();
+    let payload = match id {
+        syscall::READV | syscall::WRITEV => Payload::Iov(inflight.buf, inflight.iovcnt),
+        syscall::RECVMSG | syscall::SENDMSG => Payload::Msghdr(inflight.buf),
+        syscall::SENDFILE => Payload::None,
+        _ => Payload::Buf(inflight.buf),
+    };
+    emit(
+        pid_tgid,
+        inflight.fd,
+        &sock,
+        &layout,
+        (kind::DATA, id, dir),
+        len as u64,
+        payload,
+    );
+    0
+}
+
+macro_rules! data_syscall {
+    ($enter:ident, $exit:ident, $id:expr, $dir:expr, $args:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter(&ctx, $id, $args)
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_data(&ctx, $id, $dir)
+        }
+    };
+}
+
+use direction::{EGRESS, INGRESS};
+data_syscall!(
+    sock_enter_read,
+    sock_exit_read,
+    syscall::READ,
+    INGRESS,
+    args(0, 1, NO_ARG, NO_ARG)
+);
+data_syscall!(
+    sock_enter_write,
+    sock_exit_write,
+    syscall::WRITE,
+    EGRESS,
+    args(0, 1, NO_ARG, NO_ARG)
+);
+data_syscall!(
+    sock_enter_readv,
+    sock_exit_readv,
+    syscall::READV,
+    INGRESS,
+    args(0, 1, 2, NO_ARG)
+);
+data_syscall!(
+    sock_enter_writev,
+    sock_exit_writev,
+    syscall::WRITEV,
+    EGRESS,
+    args(0, 1, 2, NO_ARG)
+);
+data_syscall!(
+    sock_enter_recvfrom,
+    sock_exit_recvfrom,
+    syscall::RECVFROM,
+    INGRESS,
+    args(0, 1, NO_ARG, 3)
+);
+data_syscall!(
+    sock_enter_sendto,
+    sock_exit_sendto,
+    syscall::SENDTO,
+    EGRESS,
+    args(0, 1, NO_ARG, NO_ARG)
+);
+data_syscall!(
+    sock_enter_recvmsg,
+    sock_exit_recvmsg,
+    syscall::RECVMSG,
+    INGRESS,
+    args(0, 1, NO_ARG, 2)
+);
+data_syscall!(
+    sock_enter_sendmsg,
+    sock_exit_sendmsg,
+    syscall::SENDMSG,
+    EGRESS,
+    args(0, 1, NO_ARG, NO_ARG)
+);
+data_syscall!(
+    sock_enter_sendfile64,
+    sock_exit_sendfile64,
+    syscall::SENDFILE,
+    EGRESS,
+    args(0, NO_ARG, NO_ARG, NO_ARG)
+);
+
+/// Exit of accept/accept4: the returned descriptor is the server side of a new connection.
+#[inline(always)]
+fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if take_inflight(pid_tgid, id).is_none() {
+        return 0;
+    }
+    let layout = layout();
+    let fd = ret(ctx, &layout);
+    if fd < 0 {
+        return 0;
+    }
+    if let Some(sock) = tcp_socket(&layout, fd) {
+        emit(
+            pid_tgid,
+            fd as i32,
+            &sock,
+            &layout,
+            (kind::ACCEPT, id, direction::NONE),
+            0,
+            Payload::None,
+        );
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sock_enter_accept(ctx: TracePointContext) -> u32 {
+    enter(&ctx, syscall::ACCEPT, args(0, NO_ARG, NO_ARG, NO_ARG))
+}
+
+#[tracepoint]
+pub fn sock_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx, syscall::ACCEPT)
+}
+
+#[tracepoint]
+pub fn sock_enter_accept4(ctx: TracePointContext) -> u32 {
+    enter(&ctx, syscall::ACCEPT4, args(0, NO_ARG, NO_ARG, NO_ARG))
+}
+
+#[tracepoint]
+pub fn sock_exit_accept4(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx, syscall::ACCEPT4)
+}
+
+#[tracepoint]
+pub fn sock_enter_connect(ctx: TracePointContext) -> u32 {
+    enter(&ctx, syscall::CONNECT, args(0, NO_ARG, NO_ARG, NO_ARG))
+}
+
+/// Exit of connect: the descriptor is the client side of a connection (also when non-blocking
+/// connect is still in progress: the endpoints are already bound).
+#[tracepoint]
+pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inflight) = take_inflight(pid_tgid, syscall::CONNECT) else {
+        return 0;
+    };
+    let layout = layout();
+    let r = ret(&ctx, &layout);
+    if r != 0 && r != -EINPROGRESS {
+        return 0;
+    }
+    {
+        let sock = inflight.sock();
+        emit(
+            pid_tgid,
+            inflight.fd,
+            &sock,
+            &layout,
+            (kind::CONNECT, syscall::CONNECT, direction::NONE),
+            0,
+            Payload::None,
+        );
+    }
+    0
+}
+
+/// close needs no exit program: the socket must be looked up before the descriptor goes away.
+#[tracepoint]
+pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
+    let layout = layout();
+    if layout.valid == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let fd = arg(&ctx, &layout, 0) as i64;
+    if let Some(sock) = tcp_socket(&layout, fd) {
+        emit(
+            pid_tgid,
+            fd as i32,
+            &sock,
+            &layout,
+            (kind::CLOSE, syscall::CLOSE, direction::NONE),
+            0,
+            Payload::None,
+        );
+    }
+    0
+}
