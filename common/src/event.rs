@@ -143,3 +143,30 @@ pub struct EventBuf {
 const _: () = assert!(
     core::mem::size_of::<EventBuf>() == core::mem::size_of::<EventHeader>() + 2 * MAX_CAPTURE
 );
+
+/// A syscall between its enter and exit tracepoints, keyed by pid_tgid (one per thread).
+///
+/// Written by the enter programs, and by the agent at start for threads that were already
+/// blocked in a socket syscall when the programs attached (their enter was never seen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    /// The user buffer, iovec array or msghdr, per `syscall`.
+    pub buf: u64,
+    /// Number of iovecs for readv/writev.
+    pub iovcnt: u64,
+    /// The socket found at enter (`struct sock *`); 0 means "look it up again at exit".
+    pub sk: u64,
+    pub ino: u64,
+    pub family: u32,
+    pub fd: i32,
+    /// One of `syscall::*`.
+    pub syscall: u32,
+    /// recv flags (MSG_PEEK data is read again later and must not be reported twice).
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Inflight>() == 48);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integer fields only, no padding (size checked above).
+unsafe impl aya::Pod for Inflight {}

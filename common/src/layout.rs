@@ -52,7 +52,9 @@ pub struct KernelLayout {
     pub sk_v6_daddr: u32,
     /// `sock.__sk_common.skc_v6_rcv_saddr`
     pub sk_v6_rcv_saddr: u32,
-    pub _pad: u32,
+    /// `inet_sock.inet_sport` (the `struct sock` is the start of `inet_sock`): the local port,
+    /// still set after the kernel clears `skc_num` on a fully closed connection.
+    pub inet_sport: u32,
 }
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 22 * 4);
 
@@ -80,7 +82,7 @@ impl KernelLayout {
             sk_num: 0,
             sk_v6_daddr: 0,
             sk_v6_rcv_saddr: 0,
-            _pad: 0,
+            inet_sport: 0,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod names {
     pub const LOST: &str = "LOST";
     pub const LAYOUT: &str = "LAYOUT";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const INFLIGHT: &str = "INFLIGHT";
 }
 
 /// Values of the `PID_FILTER` map.

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use wirespan_common::{EventBuf, KernelLayout, Settings, lost};
+use wirespan_common::{EventBuf, Inflight, KernelLayout, Settings, lost};
 
 use crate::sock::TcpSock;
 
@@ -33,32 +33,13 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::COUNT, 0
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
 
-/// A syscall between its enter and exit tracepoints, keyed by pid_tgid (one per thread).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Inflight {
-    /// The user buffer, iovec array or msghdr, per `syscall`.
-    pub buf: u64,
-    /// Number of iovecs for readv/writev.
-    pub iovcnt: u64,
-    /// The socket found at enter (`struct sock *`), its inode number and family.
-    pub sk: u64,
-    pub ino: u64,
-    pub family: u32,
-    pub fd: i32,
-    pub syscall: u32,
-    /// recv flags (MSG_PEEK data is read again later and must not be reported twice).
-    pub flags: u32,
-}
-
-impl Inflight {
-    #[inline(always)]
-    pub fn sock(&self) -> TcpSock {
-        TcpSock {
-            sk: self.sk as *const u8,
-            ino: self.ino,
-            family: self.family as u16,
-        }
+/// The socket of an in-flight record made at enter.
+#[inline(always)]
+pub fn inflight_sock(inflight: &Inflight) -> TcpSock {
+    TcpSock {
+        sk: inflight.sk as *const u8,
+        ino: inflight.ino,
+        family: inflight.family as u16,
     }
 }
 

@@ -12,11 +12,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use wirespan_common::{
-    EventHeader, KernelLayout, MAX_CAPTURE, direction, kind, lost, pid_filter, syscall,
+    EventHeader, Inflight, KernelLayout, MAX_CAPTURE, direction, kind, lost, pid_filter, syscall,
 };
 
 use crate::{
-    maps::{EVENTS, INFLIGHT, Inflight, PID_FILTER, SCRATCH, count_lost, layout, settings},
+    maps::{EVENTS, INFLIGHT, PID_FILTER, SCRATCH, count_lost, inflight_sock, layout, settings},
     payload,
     sock::{TcpSock, fill_endpoints, tcp_socket},
 };
@@ -115,6 +115,20 @@ fn ret(ctx: &TracePointContext, layout: &KernelLayout) -> i64 {
     unsafe { ctx.read_at::<i64>(layout.tp_ret as usize) }.unwrap_or(-1)
 }
 
+/// The socket of an in-flight record.
+///
+/// The syscall holds a reference on the file until it returns, so a socket found at enter is
+/// still alive here. Records the agent seeded for threads blocked before attach carry no
+/// socket pointer: the descriptor is resolved now (it is still held by the same syscall).
+#[inline(always)]
+fn resolve(layout: &KernelLayout, inflight: &Inflight) -> Option<TcpSock> {
+    if inflight.sk == 0 {
+        tcp_socket(layout, inflight.fd as i64)
+    } else {
+        Some(inflight_sock(inflight))
+    }
+}
+
 /// What to put after the header.
 #[derive(Clone, Copy)]
 enum Payload {
@@ -195,9 +209,9 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
     if len <= 0 || inflight.flags & MSG_PEEK != 0 {
         return 0;
     }
-    // The syscall holds a reference on the file until it returns, so the socket found at
-    // enter is still alive here.
-    let sock = inflight.sock();
+    let Some(sock) = resolve(&layout, &inflight) else {
+        return 0;
+    };
     let payload = match id {
         syscall::READV | syscall::WRITEV => Payload::Iov(inflight.buf, inflight.iovcnt),
         syscall::RECVMSG | syscall::SENDMSG => Payload::Msghdr(inflight.buf),
@@ -359,8 +373,7 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    {
-        let sock = inflight.sock();
+    if let Some(sock) = resolve(&layout, &inflight) {
         emit(
             pid_tgid,
             inflight.fd,

@@ -88,6 +88,11 @@ pub fn fill_endpoints(layout: &KernelLayout, sock: &TcpSock, header: &mut EventH
         let dport: u16 = read(sock.sk, layout.sk_dport).unwrap_or(0);
         header.remote_port = u16::from_be(dport);
         header.local_port = read(sock.sk, layout.sk_num).unwrap_or(0);
+        if header.local_port == 0 {
+            // Cleared when the connection reached TCP_CLOSE (e.g. close after shutdown).
+            let sport: u16 = read(sock.sk, layout.inet_sport).unwrap_or(0);
+            header.local_port = u16::from_be(sport);
+        }
         if sock.family == family::INET6 {
             header.local_addr = read(sock.sk, layout.sk_v6_rcv_saddr).unwrap_or([0; 16]);
             header.remote_addr = read(sock.sk, layout.sk_v6_daddr).unwrap_or([0; 16]);

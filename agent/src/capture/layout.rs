@@ -311,7 +311,7 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
         sk_num: m("sock", "__sk_common.skc_num", &[2])?,
         sk_v6_daddr: m("sock", "__sk_common.skc_v6_daddr", &[16])?,
         sk_v6_rcv_saddr: m("sock", "__sk_common.skc_v6_rcv_saddr", &[16])?,
-        _pad: 0,
+        inet_sport: m("inet_sock", "inet_sport", &[2])?,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Loading the kernel programs, attaching them, and reading their events.
 
+pub mod blocked;
 pub mod event;
 pub mod layout;
 pub mod probes;
@@ -202,6 +203,8 @@ impl Capture {
             return Err(CaptureError::NothingAttached { reason, first });
         }
 
+        seed_blocked_threads(&mut ebpf, config);
+
         let events = take_map(&mut ebpf, names::EVENTS)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
         Ok(Self {
@@ -278,6 +281,44 @@ impl Capture {
         log::debug!("ring buffer fd {} closed", events.as_raw_fd());
         Ok(total)
     }
+}
+
+/// Seeds in-flight records for threads blocked in socket syscalls since before attach (see
+/// `blocked`). Never overwrites a record a live enter program made (BPF_NOEXIST).
+fn seed_blocked_threads(ebpf: &mut Ebpf, config: &CaptureConfig) {
+    const BPF_NOEXIST: u64 = 1;
+    let me = std::process::id();
+    let traced = |pid: u32| {
+        pid != me
+            && !config.exclude_pids.contains(&pid)
+            && (config.pids.is_empty() || config.pids.contains(&pid))
+    };
+    let seeds = blocked::scan(Path::new("/proc"), traced);
+    let Some(map) = ebpf.map_mut(names::INFLIGHT) else {
+        log::warn!(
+            "no {} map: syscalls blocked before start will be missed",
+            names::INFLIGHT
+        );
+        return;
+    };
+    let mut inflight = match HashMap::<&mut MapData, u64, wirespan_common::Inflight>::try_from(map)
+    {
+        Ok(m) => m,
+        Err(e) => {
+            log::warn!(
+                "{}: {e}: syscalls blocked before start will be missed",
+                names::INFLIGHT
+            );
+            return;
+        }
+    };
+    let mut seeded = 0;
+    for (key, record) in seeds {
+        if inflight.insert(key, record, BPF_NOEXIST).is_ok() {
+            seeded += 1;
+        }
+    }
+    log::debug!("seeded {seeded} threads blocked in socket syscalls before attach");
 }
 
 fn read_lost(map: &PerCpuArray<MapData, u64>) -> Lost {

@@ -1,0 +1,377 @@
+//! Privileged end-to-end tests of the capture layer on the real kernel: real servers (Python,
+//! nginx, Go), real clients (curl, a Python client), loopback only.
+
+use std::net::SocketAddr;
+
+use wirespan_tests::{
+    Agent, Event, PyClient, TempDir, curl, free_port, go_server, nginx, python_server,
+    require_privileges, stream,
+};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// The single connection `pid` has in `events` to or from `port`.
+fn conn_of(events: &[Event], pid: u32, port: u16) -> u64 {
+    let mut ids: Vec<u64> = events
+        .iter()
+        .filter(|e| e.pid == pid && (e.local.port() == port || e.remote.port() == port))
+        .map(|e| e.conn_id)
+        .collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "pid {pid} port {port}: connections {ids:?}");
+    ids[0]
+}
+
+#[test]
+fn python_server_and_client_exact_bytes_both_ends() {
+    require_privileges!();
+    let port = free_port();
+    let server = python_server("127.0.0.1", port).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let client = PyClient::start(&["--port", &port.to_string(), "--path", "/hello"]).unwrap();
+    let report = client.finish().unwrap();
+    let events = agent.stop().unwrap();
+
+    let client_ep = addr(&format!("127.0.0.1:{}", report.local_port));
+    let server_ep = addr(&format!("127.0.0.1:{port}"));
+
+    // Client side: its own pid and fd, its local port, both directions, exact bytes.
+    let cconn = conn_of(&events, report.pid, port);
+    let connect: Vec<_> = events
+        .iter()
+        .filter(|e| e.pid == report.pid && e.kind == "connect")
+        .collect();
+    assert_eq!(connect.len(), 1, "{connect:?}");
+    for e in events
+        .iter()
+        .filter(|e| e.conn_id == cconn && e.pid == report.pid)
+    {
+        assert_eq!(e.fd, report.fd, "{e:?}");
+        assert_eq!((e.local, e.remote), (client_ep, server_ep), "{e:?}");
+    }
+    assert_eq!(stream(&events, report.pid, cconn, "egress"), report.sent[0]);
+    assert_eq!(
+        stream(&events, report.pid, cconn, "ingress"),
+        report.received[0]
+    );
+
+    // Server side: the mirrored endpoints; it read exactly what the client sent and wrote
+    // exactly what the client received.
+    let spid = server.pid();
+    let sconn = conn_of(&events, spid, report.local_port);
+    assert_ne!(sconn, cconn, "each end has its own socket");
+    let accept: Vec<_> = events
+        .iter()
+        .filter(|e| e.pid == spid && e.kind == "accept")
+        .collect();
+    assert_eq!(accept.len(), 1, "{accept:?}");
+    for e in events.iter().filter(|e| e.conn_id == sconn) {
+        assert_eq!(e.pid, spid);
+        assert_eq!((e.local, e.remote), (server_ep, client_ep), "{e:?}");
+    }
+    assert_eq!(stream(&events, spid, sconn, "ingress"), report.sent[0]);
+    assert_eq!(stream(&events, spid, sconn, "egress"), report.received[0]);
+    assert!(report.received[0].ends_with(b"hello from python\n"));
+    // Both sides closed their descriptor.
+    assert!(
+        events
+            .iter()
+            .any(|e| e.conn_id == cconn && e.kind == "close")
+    );
+}
+
+#[test]
+fn writev_request_is_captured_whole() {
+    require_privileges!();
+    let dir = TempDir::new("writev").unwrap();
+    let port = free_port();
+    let server = nginx(port, &dir.0).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let client = PyClient::start(&["--port", &port.to_string(), "--mode", "writev"]).unwrap();
+    let report = client.finish().unwrap();
+    let events = agent.stop().unwrap();
+
+    let cconn = conn_of(&events, report.pid, port);
+    let sends: Vec<_> = events
+        .iter()
+        .filter(|e| e.conn_id == cconn && e.kind == "egress")
+        .collect();
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    assert_eq!(sends[0].syscall, "writev");
+    assert_eq!(sends[0].data, report.sent[0]);
+    assert_eq!(sends[0].len, report.sent[0].len() as u64);
+    let sconn = conn_of(&events, server.pid(), report.local_port);
+    assert_eq!(
+        stream(&events, server.pid(), sconn, "ingress"),
+        report.sent[0]
+    );
+    assert_eq!(
+        stream(&events, server.pid(), sconn, "egress"),
+        report.received[0]
+    );
+    assert!(report.received[0].ends_with(b"hello from nginx\n"));
+}
+
+#[test]
+fn response_larger_than_prefix_keeps_true_length_and_prefix() {
+    require_privileges!();
+    let port = free_port();
+    let server = python_server("127.0.0.1", port).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let client = PyClient::start(&["--port", &port.to_string(), "--path", "/big"]).unwrap();
+    let report = client.finish().unwrap();
+    let events = agent.stop().unwrap();
+
+    let response = &report.received[0];
+    assert!(response.len() > 100_000);
+    let sconn = conn_of(&events, server.pid(), report.local_port);
+    let writes: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.conn_id == sconn && e.kind == "egress")
+        .collect();
+    // Every byte is accounted for by true lengths, and each call's prefix is the real data.
+    let total: u64 = writes.iter().map(|e| e.len).sum();
+    assert_eq!(total, response.len() as u64);
+    let mut offset = 0usize;
+    let mut saw_truncated = false;
+    for w in &writes {
+        assert_eq!(w.data.len() as u64, w.len.min(4096), "{w:?}");
+        assert_eq!(&response[offset..offset + w.data.len()], &w.data[..]);
+        saw_truncated |= w.len > 4096;
+        offset += w.len as usize;
+    }
+    assert!(
+        saw_truncated,
+        "one call larger than the 4 KiB prefix: {writes:?}"
+    );
+}
+
+#[test]
+fn capture_bytes_option_changes_the_prefix() {
+    require_privileges!();
+    let port = free_port();
+    let server = python_server("127.0.0.1", port).unwrap();
+    let agent = Agent::start(&["--capture-bytes", "8192"]).unwrap();
+    let client = PyClient::start(&["--port", &port.to_string(), "--path", "/big"]).unwrap();
+    let report = client.finish().unwrap();
+    let events = agent.stop().unwrap();
+    let sconn = conn_of(&events, server.pid(), report.local_port);
+    let big = events
+        .iter()
+        .find(|e| e.conn_id == sconn && e.kind == "egress" && e.len > 8192)
+        .expect("a write larger than 8 KiB");
+    assert_eq!(big.captured, 8192);
+}
+
+#[test]
+fn keep_alive_connection_carries_three_requests() {
+    require_privileges!();
+    let dir = TempDir::new("keepalive").unwrap();
+    let port = free_port();
+    let server = nginx(port, &dir.0).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let urls: Vec<String> = (1..=3)
+        .map(|i| format!("http://127.0.0.1:{port}/r{i}"))
+        .collect();
+    let (curl_pid, body) = curl(&urls.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let events = agent.stop().unwrap();
+    assert_eq!(body, b"hello from nginx\n".repeat(3));
+
+    let spid = server.pid();
+    let accepts = events
+        .iter()
+        .filter(|e| e.pid == spid && e.kind == "accept")
+        .count();
+    assert_eq!(accepts, 1, "one connection for three requests");
+    let connects: Vec<_> = events
+        .iter()
+        .filter(|e| e.pid == curl_pid && e.kind == "connect")
+        .collect();
+    assert_eq!(connects.len(), 1);
+    let client_port = connects[0].local.port();
+    let sconn = conn_of(&events, spid, client_port);
+    let requests = stream(&events, spid, sconn, "ingress");
+    let text = String::from_utf8_lossy(&requests);
+    for i in 1..=3 {
+        assert!(text.contains(&format!("GET /r{i} HTTP/1.1\r\n")), "{text}");
+    }
+    assert_eq!(text.matches("GET ").count(), 3);
+    let cconn = connects[0].conn_id;
+    assert_eq!(stream(&events, curl_pid, cconn, "egress"), requests);
+    assert_eq!(
+        stream(&events, curl_pid, cconn, "ingress"),
+        stream(&events, spid, sconn, "egress")
+    );
+}
+
+#[test]
+fn ipv6_connection_has_ipv6_endpoints() {
+    require_privileges!();
+    let dir = TempDir::new("ipv6").unwrap();
+    let port = free_port();
+    let server = nginx(port, &dir.0).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let (curl_pid, body) = curl(&["-g", &format!("http://[::1]:{port}/six")]).unwrap();
+    let events = agent.stop().unwrap();
+    assert_eq!(body, b"hello from nginx\n");
+
+    let server_ep = addr(&format!("[::1]:{port}"));
+    let c: Vec<_> = events
+        .iter()
+        .filter(|e| e.pid == curl_pid && e.remote == server_ep)
+        .collect();
+    assert!(
+        c.iter()
+            .any(|e| e.kind == "egress" && e.data.starts_with(b"GET /six HTTP/1.1\r\n"))
+    );
+    let client_ep = c[0].local;
+    assert!(client_ep.is_ipv6());
+    let s: Vec<_> = events
+        .iter()
+        .filter(|e| e.pid == server.pid() && e.remote == client_ep)
+        .collect();
+    assert!(s.iter().all(|e| e.local == server_ep));
+    assert!(
+        s.iter()
+            .any(|e| e.kind == "ingress" && e.data.starts_with(b"GET /six HTTP/1.1\r\n"))
+    );
+    assert!(
+        s.iter()
+            .any(|e| e.kind == "egress" && e.data.ends_with(b"hello from nginx\n"))
+    );
+}
+
+#[test]
+fn connection_opened_before_the_agent_started() {
+    require_privileges!();
+    let port = free_port();
+    let server = python_server("127.0.0.1", port).unwrap();
+    let mut client = PyClient::start(&[
+        "--port",
+        &port.to_string(),
+        "--requests",
+        "2",
+        "--pause-after",
+        "1",
+    ])
+    .unwrap();
+    let connected = client.next("connected").unwrap();
+    client.next("paused").unwrap();
+    // The connection exists and has carried one request; only now does capture start.
+    let agent = Agent::start(&[]).unwrap();
+    client.resume().unwrap();
+    let report = client.report(connected).unwrap();
+    let events = agent.stop().unwrap();
+
+    let client_ep = addr(&format!("127.0.0.1:{}", report.local_port));
+    let server_ep = addr(&format!("127.0.0.1:{port}"));
+    let cconn = conn_of(&events, report.pid, port);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.conn_id == cconn && e.kind == "connect"),
+        "the connect happened before capture"
+    );
+    assert_eq!(stream(&events, report.pid, cconn, "egress"), report.sent[1]);
+    assert_eq!(
+        stream(&events, report.pid, cconn, "ingress"),
+        report.received[1]
+    );
+    for e in events.iter().filter(|e| e.conn_id == cconn && e.is_data()) {
+        assert_eq!((e.local, e.remote, e.fd), (client_ep, server_ep, report.fd));
+    }
+    let sconn = conn_of(&events, server.pid(), report.local_port);
+    assert_eq!(
+        stream(&events, server.pid(), sconn, "ingress"),
+        report.sent[1]
+    );
+    for e in events.iter().filter(|e| e.conn_id == sconn && e.is_data()) {
+        assert_eq!((e.local, e.remote), (server_ep, client_ep));
+    }
+}
+
+#[test]
+fn go_server_driven_by_curl() {
+    require_privileges!();
+    let dir = TempDir::new("go").unwrap();
+    let port = free_port();
+    let server = go_server(port, &dir.0).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let (curl_pid, body) = curl(&[&format!("http://127.0.0.1:{port}/hello")]).unwrap();
+    let events = agent.stop().unwrap();
+    assert_eq!(body, b"hello from go\n");
+
+    let connect = events
+        .iter()
+        .find(|e| e.pid == curl_pid && e.kind == "connect")
+        .expect("curl's connect");
+    let client_ep = connect.local;
+    let cconn = connect.conn_id;
+    let sconn = conn_of(&events, server.pid(), client_ep.port());
+    let request = stream(&events, curl_pid, cconn, "egress");
+    assert!(request.starts_with(b"GET /hello HTTP/1.1\r\n"));
+    assert_eq!(stream(&events, server.pid(), sconn, "ingress"), request);
+    let response = stream(&events, server.pid(), sconn, "egress");
+    assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert!(response.ends_with(b"hello from go\n"));
+    assert_eq!(stream(&events, curl_pid, cconn, "ingress"), response);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.pid == server.pid() && e.kind == "accept" && e.conn_id == sconn)
+    );
+}
+
+#[test]
+fn file_pipe_udp_and_unix_socket_io_produce_no_events() {
+    require_privileges!();
+    let port = free_port();
+    let _server = python_server("127.0.0.1", port).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(wirespan_tests::program("noise.py"))
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let events = agent.stop().unwrap();
+    let mine: Vec<_> = events.iter().filter(|e| e.pid == pid).collect();
+    // The positive control: its one TCP connection was seen...
+    assert!(
+        mine.iter()
+            .any(|e| e.kind == "egress" && e.data.starts_with(b"GET /hello"))
+    );
+    // ...and nothing else was.
+    for e in &mine {
+        assert_eq!(e.remote.port(), port, "only the TCP connection: {e:?}");
+        assert!(!String::from_utf8_lossy(&e.data).contains("/file"));
+        assert!(!String::from_utf8_lossy(&e.data).contains("/pipe"));
+        assert!(!String::from_utf8_lossy(&e.data).contains("/udp"));
+        assert!(!String::from_utf8_lossy(&e.data).contains("/unix"));
+    }
+}
+
+#[test]
+fn pid_option_traces_only_that_process_and_never_wirespan_itself() {
+    require_privileges!();
+    let port = free_port();
+    let server = python_server("127.0.0.1", port).unwrap();
+    let agent = Agent::start(&["--pid", &server.pid().to_string()]).unwrap();
+    let agent_pid = agent.pid();
+    let (_curl_pid, body) = curl(&[&format!("http://127.0.0.1:{port}/hello")]).unwrap();
+    let events = agent.stop().unwrap();
+    assert_eq!(body, b"hello from python\n");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.pid == server.pid() && e.kind == "ingress")
+    );
+    assert!(
+        events.iter().all(|e| e.pid == server.pid()),
+        "only the server"
+    );
+    assert!(events.iter().all(|e| e.pid != agent_pid));
+}

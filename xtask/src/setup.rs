@@ -1,0 +1,179 @@
+//! Idempotent set-up of everything the build and tests need on Debian 12 (root).
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages: protobuf-compiler builds the OTLP crates; the rest are the real servers,
+/// clients and tools the end-to-end tests drive.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "protobuf-compiler",
+    "nginx-light",
+    "golang-go",
+    "curl",
+    "iproute2",
+];
+
+pub fn all() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    tracefs();
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is needed to build the kernel programs (rustup toolchain install nightly)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    crate::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+/// bpf-linker, built against the nightly's own libLLVM (no prebuilt download works here).
+fn bpf_linker() -> anyhow::Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let libdir = sysroot.join("lib");
+    // A bpf-linker that still starts is linked to a libLLVM that still exists.
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = llvm_major(&version).context("rustc +nightly -vV names no LLVM version")?;
+    let lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|name| llvm_dylib_name(&name, major))
+        .with_context(|| format!("no libLLVM-{major}*.so in {}", libdir.display()))?;
+    let rustflags = format!(
+        "-L native={dir} -l dylib={lib} -C link-arg=-Wl,-rpath,{dir}",
+        dir = libdir.display()
+    );
+    crate::run(
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major},no-llvm-linking"),
+            ])
+            .env("RUSTFLAGS", rustflags),
+    )
+}
+
+/// `LLVM version: 22.1.4` -> 22.
+fn llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))?
+        .split('.')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `libLLVM-22-rust-1.97.0-nightly.so` -> `LLVM-22-rust-1.97.0-nightly` (for `-l dylib=`).
+fn llvm_dylib_name(file: &str, major: u32) -> Option<String> {
+    let stem = file.strip_prefix("lib")?.strip_suffix(".so")?;
+    stem.starts_with(&format!("LLVM-{major}"))
+        .then(|| stem.to_string())
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing Debian packages {missing:?}; as root: apt-get update && apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    crate::run(Command::new("apt-get").arg("update").arg("-q"))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Syscall tracepoints need tracefs; mount it where the kernel expects it if nothing has.
+fn tracefs() {
+    let dir = "/sys/kernel/tracing";
+    if std::path::Path::new(dir).join("events/syscalls").is_dir()
+        || std::path::Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir()
+    {
+        return;
+    }
+    if let Err(e) = crate::run(Command::new("mount").args(["-t", "tracefs", "nodev", dir])) {
+        eprintln!(
+            "xtask: could not mount tracefs at {dir} ({e}); privileged tests will say they are skipped"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derives_llvm_version_and_library_name() {
+        let vv =
+            "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(
+            llvm_dylib_name("libLLVM-22-rust-1.97.0-nightly.so", 22).as_deref(),
+            Some("LLVM-22-rust-1.97.0-nightly")
+        );
+        assert_eq!(
+            llvm_dylib_name("libLLVM.so.22.1-rust-1.97.0-nightly", 22),
+            None
+        );
+        assert_eq!(llvm_dylib_name("libLLVM-21-rust-x.so", 22), None);
+    }
+}
