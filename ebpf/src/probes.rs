@@ -58,7 +58,7 @@ fn arg(ctx: &TracePointContext, layout: &KernelLayout, index: u32) -> u64 {
 fn traced(tgid: u32) -> bool {
     // SAFETY: the value is a plain u32 copied out immediately; the map is never deleted from
     // under us while the program runs.
-    match unsafe { PID_FILTER.get(&tgid) } {
+    match unsafe { PID_FILTER.get(tgid) } {
         Some(&pid_filter::IGNORE) => false,
         Some(&pid_filter::TRACE) => true,
         _ => settings().filter_mode == pid_filter::ALL_EXCEPT_IGNORED,
@@ -90,7 +90,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         syscall: id,
         flags: arg(ctx, &layout, at.flags) as u32,
     };
-    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         count_lost(lost::INFLIGHT_FULL);
         warn!(
             ctx,
@@ -104,8 +104,8 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
 #[inline(always)]
 fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
     // SAFETY: the value is copied out before the entry is removed.
-    let found = unsafe { INFLIGHT.get(&pid_tgid) }.copied()?;
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let found = unsafe { INFLIGHT.get(pid_tgid) }.copied()?;
+    let _ = INFLIGHT.remove(pid_tgid);
     (found.syscall == id).then_some(found)
 }
 

@@ -235,12 +235,13 @@ impl Capture {
             logger,
             ..
         } = self;
-        // SAFETY (both registrations): the registered descriptor is owned by the value the
-        // AsyncFd takes ownership of, so it stays open for as long as it is registered.
+        // SAFETY: the registered descriptor is owned by the ring buffer the AsyncFd takes
+        // ownership of, so it stays open for as long as it is registered.
         let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| CaptureError::Io(e.into()))?;
         let mut logger = match logger {
             Some(l) => Some(
+                // SAFETY: as above; the logger owns its ring buffer's descriptor.
                 unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
                     .map_err(|e| CaptureError::Io(e.into()))?,
             ),
