@@ -145,5 +145,72 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     }
     // Privileged end-to-end tests share one kernel: one at a time, as aya's own do.
     cmd.args(["--", "--test-threads=1"]);
-    run(&mut cmd)
+    cmd.stdout(std::process::Stdio::piped());
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let mut totals = Totals::default();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run (the last binary's own line may be a doc-test
+    // binary with nothing in it).
+    println!(
+        "summary: {} passed, {} failed",
+        totals.passed, totals.failed
+    );
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
+/// Sums libtest's `test result: ok. 3 passed; 0 failed; ...` lines.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_result_lines() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 20 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.12s");
+        t.add("test result: FAILED. 8 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 28,
+                failed: 2
+            }
+        );
+    }
 }

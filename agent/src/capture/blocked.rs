@@ -144,7 +144,10 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&server);
         let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 16];
-            let _ = std::io::Read::read(&mut &server, &mut buf);
+            // A plain read(2) (std's TcpStream::read uses recvfrom).
+            // SAFETY: buf is valid for 16 bytes; fd stays open because `server` lives here.
+            unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            drop(server);
         });
         let me = std::process::id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
