@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::{debug, warn};
 use wirespan_common::{
     EventHeader, Inflight, KernelLayout, MAX_CAPTURE, direction, kind, lost, pid_filter, syscall,
 };
@@ -210,6 +210,13 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
         return 0;
     }
     let Some(sock) = resolve(&layout, &inflight) else {
+        // Only records seeded by the agent get here (enter already checked its own).
+        debug!(
+            ctx,
+            "wirespan: fd {} of thread {} blocked before start is not a TCP socket",
+            inflight.fd,
+            pid_tgid as u32
+        );
         return 0;
     };
     let payload = match id {

@@ -192,7 +192,13 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and returns once it says it is ready (probes attached).
     pub fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_log_level(extra, "info")
+    }
+
+    /// As `start`, with RUST_LOG set to `level`.
+    pub fn start_with_log_level(extra: &[&str], level: &str) -> anyhow::Result<Self> {
         let mut cmd = Command::new(wirespan_bin());
+        cmd.env("RUST_LOG", level);
         cmd.args(["capture", "--format", "json"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -238,7 +244,12 @@ impl Agent {
     }
 
     /// Stops the agent with SIGINT (it drains its ring buffer first) and returns every event.
-    pub fn stop(mut self) -> anyhow::Result<Vec<Event>> {
+    pub fn stop(self) -> anyhow::Result<Vec<Event>> {
+        self.stop_with_log().map(|(events, _)| events)
+    }
+
+    /// As `stop`, also returning what the agent wrote to stderr after it was ready.
+    pub fn stop_with_log(mut self) -> anyhow::Result<(Vec<Event>, Vec<String>)> {
         // Events are in the ring buffer when the syscall returns; give the reader a moment.
         std::thread::sleep(Duration::from_millis(200));
         self.proc.signal(libc::SIGINT);
@@ -252,7 +263,12 @@ impl Agent {
             .expect("stop is called once")
             .join()
             .map_err(|_| anyhow!("stdout reader panicked"))?;
-        lines.iter().map(|l| Event::parse(l)).collect()
+        let events = lines
+            .iter()
+            .map(|l| Event::parse(l))
+            .collect::<Result<_, _>>()?;
+        let log = self.stderr.try_iter().collect();
+        Ok((events, log))
     }
 }
 

@@ -375,3 +375,40 @@ fn pid_option_traces_only_that_process_and_never_wirespan_itself() {
     );
     assert!(events.iter().all(|e| e.pid != agent_pid));
 }
+
+/// The kernel's aya-log diagnostics reach the agent's log: a thread blocked in recv on a unix
+/// socket at start is seeded (userspace sees only "a socket"), and the kernel says at exit
+/// that it is not TCP instead of reporting it.
+#[test]
+fn kernel_diagnostics_reach_the_agent_log() {
+    require_privileges!();
+    use std::io::{BufRead, BufReader, Write};
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(wirespan_tests::program("blocked_unix.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut proc = wirespan_tests::Proc::spawn("blocked_unix.py", &mut cmd).unwrap();
+    let mut out = BufReader::new(proc.child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // Let the main thread reach its blocking recv.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let agent = Agent::start_with_log_level(&["--pid", &proc.pid().to_string()], "debug").unwrap();
+    let mut stdin = proc.child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    stdin.flush().unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    let (events, log) = agent.stop_with_log().unwrap();
+    assert!(
+        events.is_empty(),
+        "a unix socket is never reported: {events:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("blocked before start is not a TCP socket")),
+        "no kernel diagnostic in the agent's log: {log:?}"
+    );
+}
