@@ -436,7 +436,7 @@ pub fn go_server(port: u16, dir: &Path) -> anyhow::Result<Proc> {
     Ok(proc)
 }
 
-/// A fresh directory under the target dir, removed by the caller's TempDir guard.
+/// A fresh directory under the system temp dir, removed when the guard is dropped.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
