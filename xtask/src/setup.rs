@@ -56,9 +56,6 @@ fn rust_src() -> anyhow::Result<()> {
 
 /// bpf-linker, built against the nightly's own libLLVM (no prebuilt download works here).
 fn bpf_linker() -> anyhow::Result<()> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
-    let sysroot = PathBuf::from(sysroot.trim());
-    let libdir = sysroot.join("lib");
     // A bpf-linker that still starts is linked to a libLLVM that still exists.
     if Command::new("bpf-linker")
         .arg("--version")
@@ -67,6 +64,9 @@ fn bpf_linker() -> anyhow::Result<()> {
     {
         return Ok(());
     }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let libdir = sysroot.join("lib");
     let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let major = llvm_major(&version).context("rustc +nightly -vV names no LLVM version")?;
     let lib = std::fs::read_dir(&libdir)

@@ -5,7 +5,7 @@ pub mod event;
 pub mod layout;
 pub mod probes;
 
-use std::{future::Future, os::fd::AsRawFd, path::Path};
+use std::{future::Future, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -279,7 +279,6 @@ impl Capture {
         }
         let total = read_lost(&lost);
         sink.idle(&total);
-        log::debug!("ring buffer fd {} closed", events.as_raw_fd());
         Ok(total)
     }
 }
