@@ -1,34 +1,42 @@
 //! The `wirespan` command line. The work is in the library; this file only wires it up.
 
-use std::io::Write;
+use std::{io::Write, net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use wirespan::{
     capture::{Capture, CaptureConfig, DecodeError, EventSink, Lost, SocketEvent},
     clock::WallClock,
+    export::{Batching, Exporter, OtlpConfig, OtlpProtocol, Target},
     print::{self, Format},
+    trace::Stitcher,
 };
 
-/// Distributed tracing without code changes: eBPF capture of the TCP traffic of running
-/// processes.
+/// Distributed tracing without code changes: eBPF capture of the HTTP traffic of running
+/// processes, stitched into linked spans and exported over OTLP.
+///
+/// With no OTLP endpoint configured (no --otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT or
+/// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), recent traces are kept in memory and shown by a Jaeger
+/// UI on http://127.0.0.1:16686.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    capture: CaptureArgs,
+    run: RunArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print one line per captured socket event (the default when no command is given).
+    /// Trace HTTP requests and export spans (the default when no command is given).
+    Run(RunArgs),
+    /// Print one line per captured socket event instead of making spans.
     Capture(CaptureArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
-struct CaptureArgs {
+struct SelectArgs {
     /// Trace only this process (repeatable). Default: every process except wirespan.
     #[arg(long = "pid", value_name = "PID")]
     pids: Vec<u32>,
@@ -41,6 +49,43 @@ struct CaptureArgs {
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     ring_mib: u32,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    select: SelectArgs,
+    /// OTLP endpoint, e.g. http://collector:4318 (http/protobuf) or http://collector:4317
+    /// (grpc). Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; with
+    /// neither set, spans go to the embedded Jaeger UI.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol. Default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / OTEL_EXPORTER_OTLP_PROTOCOL,
+    /// else http/protobuf.
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    otlp_protocol: Option<OtlpProtocol>,
+    /// Timeout of one export in milliseconds. Default: OTEL_EXPORTER_OTLP_TIMEOUT, else
+    /// OTEL_BSP_EXPORT_TIMEOUT.
+    #[arg(long, value_name = "MS")]
+    otlp_timeout_ms: Option<u64>,
+    /// Address of the embedded Jaeger UI (used when no OTLP endpoint is configured).
+    #[arg(long, default_value = "127.0.0.1:16686", value_name = "ADDR")]
+    ui_address: SocketAddr,
+    /// Traces kept in memory for the embedded UI.
+    #[arg(long, default_value_t = 1000)]
+    ui_max_traces: u32,
+    /// Do not export at all (with --log-spans: only print spans).
+    #[arg(long)]
+    no_export: bool,
+    /// Print one line per span on standard output.
+    #[arg(long)]
+    log_spans: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct CaptureArgs {
+    #[command(flatten)]
+    select: SelectArgs,
     /// Output format: `text` for people, `json` for tools (one object per line, full payload).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -52,18 +97,19 @@ struct CaptureArgs {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Capture(args)) => args,
-        None => cli.capture,
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(capture(args))
+    match cli.command {
+        Some(Command::Capture(args)) => runtime.block_on(capture(args)),
+        Some(Command::Run(args)) => runtime.block_on(run(args)),
+        None => runtime.block_on(run(cli.run)),
+    }
 }
 
-async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+/// Loads and attaches the kernel programs, or exits with one clear line.
+fn start_capture(args: &SelectArgs) -> anyhow::Result<Capture> {
     if !args.ring_mib.is_power_of_two() {
         anyhow::bail!("--ring-mib must be a power of two, got {}", args.ring_mib);
     }
@@ -81,7 +127,6 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    let clock = WallClock::measure();
     eprintln!(
         "wirespan: ready: {} of {} syscalls traced{}",
         capture.attached.len(),
@@ -92,7 +137,141 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             format!(" ({} probes failed, see warnings)", capture.failures.len())
         }
     );
+    Ok(capture)
+}
 
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Where spans go, from the flags and the OpenTelemetry environment (flags win).
+fn target(args: &RunArgs) -> anyhow::Result<Target> {
+    if args.no_export {
+        return Ok(Target::Discard);
+    }
+    let env_endpoint = env_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env_var("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    if args.otlp_endpoint.is_none() && env_endpoint.is_none() {
+        return Ok(Target::Embedded {
+            ui: args.ui_address,
+            max_traces: args.ui_max_traces,
+        });
+    }
+    let protocol = match args.otlp_protocol {
+        Some(p) => p,
+        None => OtlpProtocol::from_env(env_var)?.unwrap_or(OtlpProtocol::HttpProtobuf),
+    };
+    Ok(Target::Otlp(OtlpConfig {
+        protocol,
+        endpoint: args.otlp_endpoint.clone(),
+        timeout: args.otlp_timeout_ms.map(Duration::from_millis),
+    }))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let target = target(&args)?;
+    let batching = Batching::from_env(env_var)?;
+    // The exporter starts first: a UI address in use is reported before probes attach.
+    let exporter = Exporter::start(target, batching).await?;
+    let capture = start_capture(&args.select)?;
+    let mut tracer = Tracer {
+        stitcher: Stitcher::new(WallClock::measure()),
+        exporter,
+        spans: Vec::new(),
+        log_spans: args.log_spans,
+        out: std::io::BufWriter::new(std::io::stdout()),
+        line: String::new(),
+    };
+    let lost = capture.run(&mut tracer, shutdown_signal()).await?;
+    tracer.stitcher.flush(&mut tracer.spans);
+    tracer.hand_out();
+    let _ = tracer.out.flush();
+    let Tracer {
+        stitcher, exporter, ..
+    } = tracer;
+    let stats = exporter.stats.clone();
+    exporter.shutdown(Duration::from_secs(5)).await;
+    let s = &stitcher.stats;
+    eprintln!(
+        "wirespan: {} events; {} spans: {} exported, {} dropped (queue full), {} failed to export, {} left to the process's own instrumentation, {} not sampled; http: {} malformed, {} oversized, {} truncated heads, {} calls skipped; {} invalid trace headers; lost in kernel: ring buffer full {}, in-flight table full {}, unreadable buffers {}",
+        s.events,
+        s.spans,
+        stats.exported.load(Ordering::Relaxed),
+        stats.dropped_queue_full.load(Ordering::Relaxed),
+        stats.failed.load(Ordering::Relaxed),
+        s.suppressed,
+        s.unsampled,
+        s.http.malformed,
+        s.http.oversized,
+        s.http.truncated,
+        s.http.skipped_calls,
+        s.invalid_trace_headers,
+        lost.ringbuf_full,
+        lost.inflight_full,
+        lost.read_failed
+    );
+    Ok(())
+}
+
+/// Feeds events to the stitcher and finished spans to the exporter.
+struct Tracer<W: Write> {
+    stitcher: Stitcher,
+    exporter: Exporter,
+    spans: Vec<wirespan::trace::Span>,
+    log_spans: bool,
+    out: W,
+    line: String,
+}
+
+impl<W: Write> Tracer<W> {
+    fn hand_out(&mut self) {
+        for span in self.spans.drain(..) {
+            if self.log_spans {
+                self.line.clear();
+                print::span_line(&mut self.line, &span);
+                let _ = self.out.write_all(self.line.as_bytes());
+            }
+            self.exporter.send(span);
+        }
+    }
+}
+
+impl<W: Write> EventSink for Tracer<W> {
+    fn event(&mut self, event: Result<SocketEvent<'_>, DecodeError>) {
+        match event {
+            Ok(ev) => self.stitcher.event(&ev, &mut self.spans),
+            Err(e) => {
+                self.stitcher.stats.undecodable_events += 1;
+                log::debug!("dropped a malformed kernel record: {e}");
+            }
+        }
+        if self.spans.len() >= 64 {
+            self.hand_out();
+        }
+    }
+
+    fn idle(&mut self, _lost: &Lost) {
+        self.stitcher.tick(&mut self.spans);
+        self.hand_out();
+        let _ = self.out.flush();
+    }
+}
+
+async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+    let capture = start_capture(&args.select)?;
+    let clock = WallClock::measure();
     let stdout = std::io::stdout();
     let mut printer = Printer {
         out: std::io::BufWriter::with_capacity(64 * 1024, stdout.lock()),
@@ -103,18 +282,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         events: 0,
         decode_errors: 0,
     };
-    let shutdown = async {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    let lost = capture.run(&mut printer, shutdown).await?;
+    let lost = capture.run(&mut printer, shutdown_signal()).await?;
     let Printer {
         mut out,
         events,

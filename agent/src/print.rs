@@ -120,6 +120,47 @@ pub fn json_line(out: &mut Vec<u8>, ev: &SocketEvent<'_>, clock: &WallClock) {
     out.extend_from_slice(b"\"}\n");
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One concise line per span (`--log-spans`).
+pub fn span_line(out: &mut String, span: &crate::trace::Span) {
+    use std::fmt::Write as _;
+    let attr = |k: &str| {
+        span.attributes
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| match v {
+                crate::http::attributes::Value::Str(s) => s.clone(),
+                crate::http::attributes::Value::Int(i) => i.to_string(),
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    let kind = match span.side {
+        crate::http::attributes::Side::Server => "SERVER",
+        crate::http::attributes::Side::Client => "CLIENT",
+    };
+    let _ = writeln!(
+        out,
+        "span {} {} {} {} {} {}us{} trace={} span={} parent={} link={} pid={}",
+        span.process.service_name,
+        kind,
+        span.name,
+        attr("url.path"),
+        attr("http.response.status_code"),
+        span.end_unix_ns.saturating_sub(span.start_unix_ns) / 1000,
+        if span.error.is_some() { " ERROR" } else { "" },
+        hex(&span.trace_id),
+        hex(&span.span_id),
+        span.parent_span_id
+            .map(|p| hex(&p))
+            .unwrap_or_else(|| "-".into()),
+        span.link.map(|l| l.as_str()).unwrap_or("-"),
+        span.process.pid,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

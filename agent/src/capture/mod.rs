@@ -248,8 +248,13 @@ impl Capture {
             None => None,
         };
         tokio::pin!(shutdown);
+        // Sinks also get a regular idle call, so time-based work (deferred links, flushes)
+        // happens when traffic stops.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = tick.tick() => sink.idle(&read_lost(&lost)),
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
                     let ring = guard.get_inner_mut();

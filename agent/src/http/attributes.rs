@@ -1,0 +1,214 @@
+//! Span name, attributes and status of one HTTP exchange, by the stable OpenTelemetry HTTP
+//! semantic conventions.
+
+use std::net::SocketAddr;
+
+use super::framing::Head;
+
+/// An attribute value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+}
+
+pub type Attributes = Vec<(&'static str, Value)>;
+
+/// Methods the conventions know; others are reported as `_OTHER`.
+const KNOWN_METHODS: &[&str] = &[
+    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY",
+];
+
+pub fn known_method(method: &str) -> bool {
+    KNOWN_METHODS.contains(&method)
+}
+
+/// The span name: the method, or `HTTP` for methods outside the registry. Raw paths are never
+/// part of it (they would explode cardinality); a route template is added once one is known.
+pub fn span_name(method: &str, route: Option<&str>) -> String {
+    let m = if known_method(method) { method } else { "HTTP" };
+    match route {
+        Some(r) => format!("{m} {r}"),
+        None => m.to_string(),
+    }
+}
+
+/// Splits a request target into path and query. An absolute-form target
+/// (`http://host/path?q`) keeps only its path and query.
+pub fn split_target(target: &str) -> (&str, Option<&str>) {
+    let rest = match target.find("://") {
+        Some(i) => {
+            let after = &target[i + 3..];
+            match after.find('/') {
+                Some(j) => &after[j..],
+                None => "/",
+            }
+        }
+        None => target,
+    };
+    let rest = rest.split('#').next().unwrap_or(rest);
+    match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    }
+}
+
+/// Keeps query parameter names and replaces every value with `REDACTED`.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) => format!("{k}=REDACTED"),
+            None => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// `Host` split into name and port; brackets of an IPv6 literal removed.
+pub fn split_host(host: &str) -> (String, Option<u16>) {
+    let host = host.trim();
+    if let Some(rest) = host.strip_prefix('[')
+        && let Some((addr, tail)) = rest.split_once(']')
+    {
+        let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+        return (addr.to_string(), port);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h.to_string(), Some(port)),
+            Err(_) => (host.to_string(), None),
+        },
+        _ => (host.to_string(), None),
+    }
+}
+
+/// Which end of the exchange the span describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+/// What the exchange ended with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A final response with this status.
+    Response(u16),
+    /// The connection closed (or was reset) before the response completed.
+    CutOff,
+}
+
+/// Everything known about one exchange, from the side that observed it.
+#[derive(Clone, Debug)]
+pub struct Exchange<'a> {
+    pub side: Side,
+    pub request: &'a Head,
+    pub response_status: Option<u16>,
+    pub outcome: Outcome,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub request_body: u64,
+    pub response_body: u64,
+}
+
+/// Span status: `Some(description)` marks an error.
+pub fn error(ex: &Exchange<'_>) -> Option<String> {
+    match ex.outcome {
+        Outcome::CutOff => Some("connection closed before the response completed".into()),
+        Outcome::Response(code) => {
+            let bad = match ex.side {
+                Side::Server => code >= 500,
+                Side::Client => code >= 400,
+            };
+            bad.then(String::new)
+        }
+    }
+}
+
+fn ip(addr: &SocketAddr) -> String {
+    addr.ip().to_canonical().to_string()
+}
+
+/// The span's attributes.
+pub fn attributes(ex: &Exchange<'_>) -> Attributes {
+    let req = ex.request;
+    let mut a: Attributes = Vec::with_capacity(16);
+    let method = if known_method(&req.method) {
+        req.method.clone()
+    } else {
+        a.push((
+            "http.request.method_original",
+            Value::Str(req.method.clone()),
+        ));
+        "_OTHER".to_string()
+    };
+    a.push(("http.request.method", Value::Str(method)));
+    let (path, query) = if req.method == "CONNECT" {
+        ("", None)
+    } else {
+        split_target(&req.target)
+    };
+    let query = query.map(redact_query);
+    let host = req.header("host").map(split_host);
+    let (server_address, server_port) = match (&host, ex.side) {
+        (Some((h, p)), Side::Client) => (h.clone(), p.unwrap_or(ex.remote.port())),
+        (Some((h, p)), Side::Server) => (h.clone(), p.unwrap_or(ex.local.port())),
+        (None, Side::Client) => (ip(&ex.remote), ex.remote.port()),
+        (None, Side::Server) => (ip(&ex.local), ex.local.port()),
+    };
+    match ex.side {
+        Side::Server => {
+            a.push(("url.path", Value::Str(path.to_string())));
+            if let Some(q) = &query {
+                a.push(("url.query", Value::Str(q.clone())));
+            }
+            a.push(("url.scheme", Value::Str("http".into())));
+            a.push(("client.address", Value::Str(ip(&ex.remote))));
+            a.push(("client.port", Value::Int(ex.remote.port() as i64)));
+        }
+        Side::Client => {
+            let authority = match req.header("host") {
+                Some(h) => h.to_string(),
+                None => ex.remote.to_string(),
+            };
+            let full = match &query {
+                Some(q) => format!("http://{authority}{path}?{q}"),
+                None => format!("http://{authority}{path}"),
+            };
+            a.push(("url.full", Value::Str(full)));
+            a.push(("url.path", Value::Str(path.to_string())));
+            if let Some(q) = &query {
+                a.push(("url.query", Value::Str(q.clone())));
+            }
+            a.push(("url.scheme", Value::Str("http".into())));
+        }
+    }
+    a.push(("server.address", Value::Str(server_address)));
+    a.push(("server.port", Value::Int(server_port as i64)));
+    a.push(("network.peer.address", Value::Str(ip(&ex.remote))));
+    a.push(("network.peer.port", Value::Int(ex.remote.port() as i64)));
+    a.push((
+        "network.protocol.version",
+        Value::Str(if req.version == 0 { "1.0" } else { "1.1" }.into()),
+    ));
+    if let Some(ua) = req.header("user-agent") {
+        a.push(("user_agent.original", Value::Str(ua.to_string())));
+    }
+    if let Some(code) = ex.response_status {
+        a.push(("http.response.status_code", Value::Int(code as i64)));
+    }
+    a.push(("http.request.body.size", Value::Int(ex.request_body as i64)));
+    if ex.response_status.is_some() {
+        a.push((
+            "http.response.body.size",
+            Value::Int(ex.response_body as i64),
+        ));
+    }
+    match (&ex.outcome, error(ex)) {
+        (Outcome::CutOff, _) => a.push(("error.type", Value::Str("connection_closed".into()))),
+        (Outcome::Response(code), Some(_)) => a.push(("error.type", Value::Str(code.to_string()))),
+        _ => {}
+    }
+    a
+}

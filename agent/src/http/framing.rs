@@ -1,0 +1,784 @@
+//! HTTP/1.0 and 1.1 message framing for one direction of one connection.
+//!
+//! The kernel reports each read or write as one call: its true length, its time, and a prefix of
+//! its bytes (the rest is a gap we can count but not read). A [`Stream`] turns that sequence of
+//! calls into message starts (a parsed head, timed by the call that carried its first byte) and
+//! message ends (timed by the call that carried the last byte). Heads are parsed by `httparse`;
+//! bodies are framed here (RFC 9112 section 6): Content-Length, chunked with trailers, no body,
+//! read-until-close, and tunnels after an upgrade. When bytes cannot be followed (capture started
+//! mid-message, a gap over a chunk-size line, malformed input), the stream resynchronises at the
+//! next call that begins like a message.
+
+/// Largest head accepted; larger ones are counted and skipped.
+pub const MAX_HEAD: usize = 96 * 1024;
+/// Most header fields parsed in one head.
+const MAX_HEADERS: usize = 256;
+/// Longest chunk-size line (with extensions) or trailer line accepted.
+const MAX_LINE: usize = 4096;
+
+/// Request or response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageKind {
+    Request,
+    Response,
+}
+
+/// The header fields a span can use. Everything else (cookies, credentials, bodies) is never
+/// kept.
+pub const KEPT_HEADERS: &[&str] = &[
+    "host",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// A parsed head.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub kind: Option<MessageKind>,
+    /// Request method (requests only).
+    pub method: String,
+    /// Request target as sent: origin-form path and query, absolute-form URL, or authority.
+    pub target: String,
+    /// Status code (responses only).
+    pub status: u16,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    /// Bytes of the head, request or status line to the empty line included.
+    pub len: usize,
+    pub content_length: Option<u64>,
+    /// The last transfer coding is `chunked`.
+    pub chunked: bool,
+    /// The connection closes after this message (`Connection: close`, or HTTP/1.0 without
+    /// `keep-alive`).
+    pub close: bool,
+    pub expect_continue: bool,
+    /// Fields listed in [`KEPT_HEADERS`], names lowercase, in order.
+    pub headers: Vec<(&'static str, String)>,
+    /// Content-Length and Transfer-Encoding disagreed or were malformed.
+    pub invalid_framing: bool,
+}
+
+impl Head {
+    /// The first value of a kept field.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the body after a head is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+    /// The connection stops carrying HTTP (101 Switching Protocols, a CONNECT tunnel).
+    Tunnel,
+}
+
+/// Framing of a request body (RFC 9112 6.3: requests never read until close).
+pub fn request_body(head: &Head) -> Body {
+    if head.chunked {
+        Body::Chunked
+    } else {
+        match head.content_length {
+            Some(0) | None => Body::None,
+            Some(n) => Body::Length(n),
+        }
+    }
+}
+
+/// Framing of a response body, given the method of the request it answers.
+pub fn response_body(head: &Head, request_method: Option<&str>) -> Body {
+    let status = head.status;
+    if status == 101 {
+        return Body::Tunnel;
+    }
+    if request_method == Some("CONNECT") && (200..300).contains(&status) {
+        return Body::Tunnel;
+    }
+    if (100..200).contains(&status)
+        || status == 204
+        || status == 304
+        || request_method == Some("HEAD")
+    {
+        return Body::None;
+    }
+    if head.chunked {
+        Body::Chunked
+    } else {
+        match head.content_length {
+            Some(0) => Body::None,
+            Some(n) => Body::Length(n),
+            None => Body::UntilClose,
+        }
+    }
+}
+
+/// What a stream found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// A message began in the call at `ts`, at byte `offset` of the stream (counted from the
+    /// first call this stream was fed).
+    Head { head: Head, ts: u64, offset: u64 },
+    /// The message ended in the call at `ts`. `complete` is false when its end was not seen
+    /// (cut off by a close, or lost to a gap and closed by the next message's start).
+    End {
+        ts: u64,
+        body_bytes: u64,
+        complete: bool,
+    },
+}
+
+/// Counters of input that could not be followed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Heads that `httparse` or our framing rules rejected.
+    pub malformed: u64,
+    /// Heads larger than [`MAX_HEAD`].
+    pub oversized: u64,
+    /// Heads cut by a gap in the captured bytes.
+    pub truncated: u64,
+    /// Calls skipped while waiting for a message start.
+    pub skipped_calls: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.malformed += o.malformed;
+        self.oversized += o.oversized;
+        self.truncated += o.truncated;
+        self.skipped_calls += o.skipped_calls;
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Chunk {
+    /// Reading a chunk-size line.
+    Size(Vec<u8>),
+    /// Reading chunk data.
+    Data(u64),
+    /// Expecting the CRLF after chunk data (bytes still expected).
+    DataEnd(u8),
+    /// Reading trailer lines after the last chunk.
+    Trailer(Vec<u8>),
+}
+
+#[derive(Clone, Debug)]
+enum State {
+    /// Between messages: the next byte starts one.
+    Idle,
+    Head {
+        buf: Vec<u8>,
+        ts: u64,
+        offset: u64,
+    },
+    Body {
+        mode: BodyState,
+        bytes: u64,
+        last_ts: u64,
+    },
+    /// Waiting for a call that begins like a message; `open` is the last time of a message whose
+    /// end was not seen.
+    Lost {
+        open: Option<(u64, u64)>,
+    },
+    /// No more HTTP on this direction.
+    Tunnel,
+}
+
+#[derive(Clone, Debug)]
+enum BodyState {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+/// One direction of a connection.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    /// What this direction carries, once known.
+    kind: Option<MessageKind>,
+    state: State,
+    pub stats: Stats,
+    /// Messages whose head was seen.
+    pub messages: u64,
+    /// Bytes fed before the current call.
+    total: u64,
+}
+
+/// Whether bytes at a call's start can begin a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Yes(MessageKind),
+    /// A prefix of a possible start (too few bytes to tell).
+    Maybe,
+    No,
+}
+
+/// Classifies the first bytes of a call.
+pub fn message_start(bytes: &[u8], kind: Option<MessageKind>) -> Start {
+    const VERSION: &[u8] = b"HTTP/1.";
+    if kind != Some(MessageKind::Request) {
+        let n = bytes.len().min(VERSION.len());
+        if bytes[..n] == VERSION[..n] {
+            return if n == VERSION.len() {
+                Start::Yes(MessageKind::Response)
+            } else {
+                Start::Maybe
+            };
+        }
+    }
+    if kind != Some(MessageKind::Response) {
+        // A method is a token; real ones are upper-case letters (RFC 9110 9.1 registry).
+        let token = bytes
+            .iter()
+            .take_while(|b| b.is_ascii_uppercase() || **b == b'-' || **b == b'_')
+            .count();
+        if token > 0 && token <= 24 {
+            match bytes.get(token) {
+                Some(b' ') => {
+                    // Method, space, and a target that starts like one.
+                    return match bytes.get(token + 1) {
+                        None => Start::Maybe,
+                        Some(b) if b.is_ascii_graphic() => Start::Yes(MessageKind::Request),
+                        Some(_) => Start::No,
+                    };
+                }
+                None => return Start::Maybe,
+                Some(_) => {}
+            }
+        }
+    }
+    if bytes.is_empty() {
+        Start::Maybe
+    } else {
+        Start::No
+    }
+}
+
+impl Stream {
+    pub fn new(kind: Option<MessageKind>) -> Self {
+        Self {
+            kind,
+            state: State::Idle,
+            stats: Stats::default(),
+            messages: 0,
+            total: 0,
+        }
+    }
+
+    /// A stream that joined a connection already in progress: it waits for a message start.
+    pub fn joined_midway(kind: Option<MessageKind>) -> Self {
+        Self {
+            state: State::Lost { open: None },
+            ..Self::new(kind)
+        }
+    }
+
+    pub fn kind(&self) -> Option<MessageKind> {
+        self.kind
+    }
+
+    /// No message is in progress.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle)
+    }
+
+    /// Feeds one call: `len` bytes at time `ts`, of which `data` (a prefix) was captured.
+    /// `frame` decides how the body after each head is delimited.
+    pub fn feed(
+        &mut self,
+        ts: u64,
+        len: u64,
+        data: &[u8],
+        frame: &mut dyn FnMut(&Head) -> Body,
+        out: &mut Vec<Output>,
+    ) {
+        self.feed_call(ts, len, data, frame, out);
+        self.total += len;
+    }
+
+    fn feed_call(
+        &mut self,
+        ts: u64,
+        len: u64,
+        data: &[u8],
+        frame: &mut dyn FnMut(&Head) -> Body,
+        out: &mut Vec<Output>,
+    ) {
+        let data = &data[..data.len().min(len as usize)];
+        // Bytes not captured, after `data`.
+        let mut gap = len - data.len() as u64;
+        let mut pos = 0usize;
+        let mut call_start = true;
+        loop {
+            let rest = &data[pos..];
+            if rest.is_empty() && gap == 0 {
+                break;
+            }
+            match &mut self.state {
+                State::Tunnel => break,
+                State::Lost { open } => {
+                    if !call_start {
+                        // Resynchronise only at call boundaries.
+                        break;
+                    }
+                    match message_start(rest, self.kind) {
+                        Start::Yes(_) | Start::Maybe if !rest.is_empty() => {
+                            if let Some((last, bytes)) = open.take() {
+                                out.push(Output::End {
+                                    ts: last,
+                                    body_bytes: bytes,
+                                    complete: false,
+                                });
+                            }
+                            self.state = State::Idle;
+                        }
+                        _ => {
+                            if let Some((last, _)) = open {
+                                *last = ts;
+                            }
+                            self.stats.skipped_calls += 1;
+                            break;
+                        }
+                    }
+                }
+                State::Idle => {
+                    if rest.is_empty() {
+                        // A message starts in bytes we cannot see.
+                        self.stats.truncated += 1;
+                        self.state = State::Lost { open: None };
+                        continue;
+                    }
+                    match message_start(rest, self.kind) {
+                        Start::No => {
+                            self.stats.skipped_calls += 1;
+                            self.state = State::Lost { open: None };
+                            // This call is not a message start; wait for the next one.
+                            break;
+                        }
+                        _ => {
+                            self.state = State::Head {
+                                buf: Vec::new(),
+                                ts,
+                                offset: self.total + pos as u64,
+                            }
+                        }
+                    }
+                }
+                State::Head {
+                    buf,
+                    ts: start,
+                    offset,
+                } => {
+                    let (start, offset) = (*start, *offset);
+                    let before = buf.len();
+                    let room = MAX_HEAD - before;
+                    let take = rest.len().min(room);
+                    buf.extend_from_slice(&rest[..take]);
+                    match parse_head(buf, self.kind) {
+                        Parsed::Complete(mut head) => {
+                            let used = head.len - before;
+                            pos += used;
+                            if self.kind.is_none() {
+                                self.kind = head.kind;
+                            }
+                            head.kind = self.kind;
+                            let body = if head.invalid_framing {
+                                self.stats.malformed += 1;
+                                None
+                            } else {
+                                Some(frame(&head))
+                            };
+                            self.messages += 1;
+                            out.push(Output::Head {
+                                head,
+                                ts: start,
+                                offset,
+                            });
+                            self.state = match body {
+                                None => State::Lost {
+                                    open: Some((ts, 0)),
+                                },
+                                Some(Body::None) => {
+                                    out.push(Output::End {
+                                        ts,
+                                        body_bytes: 0,
+                                        complete: true,
+                                    });
+                                    State::Idle
+                                }
+                                Some(Body::Tunnel) => {
+                                    out.push(Output::End {
+                                        ts,
+                                        body_bytes: 0,
+                                        complete: true,
+                                    });
+                                    State::Tunnel
+                                }
+                                Some(Body::Length(n)) => State::Body {
+                                    mode: BodyState::Length(n),
+                                    bytes: 0,
+                                    last_ts: ts,
+                                },
+                                Some(Body::Chunked) => State::Body {
+                                    mode: BodyState::Chunked(Chunk::Size(Vec::new())),
+                                    bytes: 0,
+                                    last_ts: ts,
+                                },
+                                Some(Body::UntilClose) => State::Body {
+                                    mode: BodyState::UntilClose,
+                                    bytes: 0,
+                                    last_ts: ts,
+                                },
+                            };
+                        }
+                        Parsed::Partial => {
+                            pos += take;
+                            if take < rest.len() {
+                                self.stats.oversized += 1;
+                                self.state = State::Lost { open: None };
+                                break;
+                            }
+                            if gap > 0 {
+                                self.stats.truncated += 1;
+                                self.state = State::Lost { open: None };
+                                break;
+                            }
+                        }
+                        Parsed::Invalid => {
+                            self.stats.malformed += 1;
+                            self.state = State::Lost { open: None };
+                            break;
+                        }
+                    }
+                }
+                State::Body {
+                    mode,
+                    bytes,
+                    last_ts,
+                } => {
+                    *last_ts = ts;
+                    match mode {
+                        BodyState::UntilClose => {
+                            *bytes += rest.len() as u64 + gap;
+                            break;
+                        }
+                        BodyState::Length(remaining) => {
+                            let avail = rest.len() as u64 + gap;
+                            let used = avail.min(*remaining);
+                            *remaining -= used;
+                            *bytes += used;
+                            let from_data = used.min(rest.len() as u64);
+                            pos += from_data as usize;
+                            gap -= used - from_data;
+                            if *remaining == 0 {
+                                out.push(Output::End {
+                                    ts,
+                                    body_bytes: *bytes,
+                                    complete: true,
+                                });
+                                self.state = State::Idle;
+                                call_start = false;
+                            }
+                        }
+                        BodyState::Chunked(chunk) => {
+                            match step_chunked(chunk, rest, &mut gap) {
+                                ChunkStep::Consumed { used, data, done } => {
+                                    pos += used;
+                                    *bytes += data;
+                                    if done {
+                                        out.push(Output::End {
+                                            ts,
+                                            body_bytes: *bytes,
+                                            complete: true,
+                                        });
+                                        self.state = State::Idle;
+                                        call_start = false;
+                                    }
+                                }
+                                ChunkStep::Lost => {
+                                    if !rest.is_empty() {
+                                        // Malformed chunk framing, not a gap.
+                                        self.stats.malformed += 1;
+                                    }
+                                    let open = Some((ts, *bytes));
+                                    self.state = State::Lost { open };
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+            call_start = false;
+        }
+    }
+
+    /// The connection closed at `ts`: ends a read-until-close body, and reports a message cut
+    /// off mid-way as incomplete.
+    pub fn close(&mut self, ts: u64, out: &mut Vec<Output>) {
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Body {
+                mode: BodyState::UntilClose,
+                bytes,
+                last_ts,
+            } => out.push(Output::End {
+                ts: last_ts,
+                body_bytes: bytes,
+                complete: true,
+            }),
+            State::Body { bytes, .. } => out.push(Output::End {
+                ts,
+                body_bytes: bytes,
+                complete: false,
+            }),
+            State::Lost {
+                open: Some((_, bytes)),
+            } => out.push(Output::End {
+                ts,
+                body_bytes: bytes,
+                complete: false,
+            }),
+            State::Head { .. } => self.stats.truncated += 1,
+            _ => {}
+        }
+    }
+}
+
+enum Parsed {
+    Complete(Head),
+    Partial,
+    Invalid,
+}
+
+fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
+    let kind = match kind {
+        Some(k) => k,
+        None => match message_start(buf, None) {
+            Start::Yes(k) => k,
+            Start::Maybe => return Parsed::Partial,
+            Start::No => return Parsed::Invalid,
+        },
+    };
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = Head {
+        kind: Some(kind),
+        ..Head::default()
+    };
+    let status = match kind {
+        MessageKind::Request => {
+            let mut req = httparse::Request::new(&mut fields);
+            let status = req.parse(buf);
+            if let Ok(httparse::Status::Complete(_)) = status {
+                head.method = req.method.unwrap_or_default().to_string();
+                head.target = req.path.unwrap_or_default().to_string();
+                head.version = req.version.unwrap_or(1);
+                fill_fields(&mut head, req.headers);
+            }
+            status
+        }
+        MessageKind::Response => {
+            let mut resp = httparse::Response::new(&mut fields);
+            let status = resp.parse(buf);
+            if let Ok(httparse::Status::Complete(_)) = status {
+                head.status = resp.code.unwrap_or_default();
+                head.version = resp.version.unwrap_or(1);
+                fill_fields(&mut head, resp.headers);
+            }
+            status
+        }
+    };
+    match status {
+        Ok(httparse::Status::Complete(n)) => {
+            head.len = n;
+            Parsed::Complete(head)
+        }
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
+    }
+}
+
+fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
+    let mut keep_alive = false;
+    let mut close = false;
+    for f in fields {
+        let name = f.name;
+        let value = String::from_utf8_lossy(f.value);
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            // Repeated identical values are allowed (RFC 9110 8.6); anything else is invalid.
+            let parsed = value
+                .split(',')
+                .map(|v| v.trim().parse::<u64>().ok())
+                .collect::<Option<Vec<_>>>();
+            match parsed.as_deref() {
+                Some([first, rest @ ..]) if rest.iter().all(|v| v == first) => {
+                    if head.content_length.is_some_and(|c| c != *first) {
+                        head.invalid_framing = true;
+                    }
+                    head.content_length = Some(*first);
+                }
+                _ => head.invalid_framing = true,
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = value.rsplit(',').next().unwrap_or("").trim();
+            head.chunked = last.eq_ignore_ascii_case("chunked");
+            if !head.chunked && head.kind == Some(MessageKind::Request) {
+                // A request whose length cannot be determined (RFC 9112 6.3 rule 4).
+                head.invalid_framing = true;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',') {
+                let token = token.trim();
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if let Some(kept) = KEPT_HEADERS.iter().find(|k| name.eq_ignore_ascii_case(k)) {
+            head.headers.push((kept, value.to_string()));
+        }
+    }
+    if head.chunked {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 6.3 rule 3).
+        head.content_length = None;
+    }
+    head.close = close || (head.version == 0 && !keep_alive);
+}
+
+enum ChunkStep {
+    /// `used` captured bytes consumed (and some of `gap`), `data` body bytes counted.
+    Consumed { used: usize, data: u64, done: bool },
+    /// Framing could not be followed.
+    Lost,
+}
+
+/// Advances chunked decoding over one call's remaining bytes.
+fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
+    let mut pos = 0;
+    let mut data = 0u64;
+    loop {
+        if pos == bytes.len() {
+            if *gap == 0 {
+                return ChunkStep::Consumed {
+                    used: pos,
+                    data,
+                    done: false,
+                };
+            }
+            // Only chunk data can be skipped without seeing it.
+            match chunk {
+                Chunk::Data(remaining) => {
+                    let n = (*remaining).min(*gap);
+                    *remaining -= n;
+                    *gap -= n;
+                    data += n;
+                    if *remaining == 0 {
+                        *chunk = Chunk::DataEnd(2);
+                    }
+                    if *gap > 0 {
+                        // The gap runs past the data, over framing we cannot see.
+                        return ChunkStep::Lost;
+                    }
+                    continue;
+                }
+                _ => return ChunkStep::Lost,
+            }
+        }
+        match chunk {
+            Chunk::Size(line) => {
+                let Some(nl) = bytes[pos..].iter().position(|b| *b == b'\n') else {
+                    line.extend_from_slice(&bytes[pos..]);
+                    pos = bytes.len();
+                    if line.len() > MAX_LINE {
+                        return ChunkStep::Lost;
+                    }
+                    continue;
+                };
+                line.extend_from_slice(&bytes[pos..pos + nl]);
+                pos += nl + 1;
+                let Some(size) = chunk_size(line) else {
+                    return ChunkStep::Lost;
+                };
+                *chunk = if size == 0 {
+                    Chunk::Trailer(Vec::new())
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(remaining) => {
+                let n = (*remaining).min((bytes.len() - pos) as u64);
+                *remaining -= n;
+                pos += n as usize;
+                data += n;
+                if *remaining == 0 {
+                    *chunk = Chunk::DataEnd(2);
+                }
+            }
+            Chunk::DataEnd(left) => {
+                let b = bytes[pos];
+                let ok = (*left == 2 && (b == b'\r' || b == b'\n')) || (*left == 1 && b == b'\n');
+                if !ok {
+                    return ChunkStep::Lost;
+                }
+                pos += 1;
+                *left = if b == b'\n' { 0 } else { *left - 1 };
+                if *left == 0 {
+                    *chunk = Chunk::Size(Vec::new());
+                }
+            }
+            Chunk::Trailer(line) => {
+                let Some(nl) = bytes[pos..].iter().position(|b| *b == b'\n') else {
+                    line.extend_from_slice(&bytes[pos..]);
+                    pos = bytes.len();
+                    if line.len() > MAX_LINE {
+                        return ChunkStep::Lost;
+                    }
+                    continue;
+                };
+                line.extend_from_slice(&bytes[pos..pos + nl]);
+                pos += nl + 1;
+                let empty = line.is_empty() || line.as_slice() == b"\r";
+                line.clear();
+                if empty {
+                    return ChunkStep::Consumed {
+                        used: pos,
+                        data,
+                        done: true,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Parses a chunk-size line (hex size, optional `;ext`, optional trailing CR).
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let end = line
+        .iter()
+        .position(|b| *b == b';' || *b == b' ' || *b == b'\t')
+        .unwrap_or(line.len());
+    let hex = &line[..end];
+    if hex.is_empty() || hex.len() > 15 {
+        return None;
+    }
+    let mut n = 0u64;
+    for b in hex {
+        n = n * 16 + (*b as char).to_digit(16)? as u64;
+    }
+    Some(n)
+}

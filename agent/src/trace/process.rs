@@ -1,0 +1,318 @@
+//! What wirespan knows about a traced process: the OTLP resource its spans are exported under,
+//! and whether its runtime multiplexes requests over threads.
+
+use std::{
+    collections::HashSet,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::http::attributes::Value;
+
+/// Resource attributes and runtime facts of one process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub service_name: String,
+    pub executable_name: String,
+    pub executable_path: String,
+    pub command_line: String,
+    /// Extra attributes from the process's `OTEL_RESOURCE_ATTRIBUTES`.
+    pub extra: Vec<(String, String)>,
+    /// A Go binary: goroutines move between threads, so threads say nothing about requests.
+    pub go: bool,
+}
+
+/// Words that mark a command-line argument (or the value after it) as a secret.
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "apikey",
+    "api-key",
+    "api_key",
+    "credential",
+    "authorization",
+    "private",
+];
+
+fn is_secret_name(s: &str) -> bool {
+    let s = s.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| s.contains(w))
+}
+
+/// Joins argv with spaces, replacing the values of secret-looking options (`--password=x`,
+/// `--token x`, `PASSWORD=x`) with `REDACTED`.
+pub fn redact_command_line(args: &[String]) -> String {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide_next = false;
+    for a in args {
+        if hide_next {
+            out.push("REDACTED".to_string());
+            hide_next = false;
+            continue;
+        }
+        if let Some((k, _)) = a.split_once('=') {
+            if is_secret_name(k) {
+                out.push(format!("{k}=REDACTED"));
+                continue;
+            }
+        } else if a.starts_with('-') && is_secret_name(a) {
+            hide_next = true;
+        }
+        out.push(a.clone());
+    }
+    out.join(" ")
+}
+
+/// Parses `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k2=v2`, values percent-decoded).
+pub fn parse_resource_attributes(s: &str) -> Vec<(String, String)> {
+    s.split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            let k = k.trim();
+            (!k.is_empty()).then(|| (k.to_string(), percent_decode(v.trim())))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The service name rule: `OTEL_SERVICE_NAME`, then `service.name` in
+/// `OTEL_RESOURCE_ATTRIBUTES`, then the executable's name.
+pub fn service_name(env: &[(String, String)], executable: &str) -> String {
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    if let Some(n) = get("OTEL_SERVICE_NAME").filter(|n| !n.trim().is_empty()) {
+        return n.trim().to_string();
+    }
+    if let Some(attrs) = get("OTEL_RESOURCE_ATTRIBUTES")
+        && let Some((_, v)) = parse_resource_attributes(attrs)
+            .into_iter()
+            .find(|(k, v)| k == "service.name" && !v.is_empty())
+    {
+        return v;
+    }
+    executable.to_string()
+}
+
+fn read_nul_list(path: &Path) -> Vec<String> {
+    fs::read(path)
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether an ELF file is a Go program (it has a `.go.buildinfo` section).
+pub fn is_go_binary(path: &Path) -> bool {
+    use object::{Object, ObjectSection};
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let cache = object::ReadCache::new(file);
+    let Ok(obj) = object::File::parse(&cache) else {
+        return false;
+    };
+    obj.sections()
+        .any(|s| s.name().is_ok_and(|n| n == ".go.buildinfo"))
+}
+
+impl ProcessInfo {
+    /// Reads /proc/PID. `comm` is the kernel's short name, used when /proc is gone already.
+    pub fn read(proc_root: &Path, pid: u32, comm: &str) -> Self {
+        let dir = proc_root.join(pid.to_string());
+        let exe: PathBuf = fs::read_link(dir.join("exe")).unwrap_or_default();
+        let exe_path = exe
+            .to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string();
+        let executable_name = Path::new(&exe_path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| comm.to_string());
+        let env: Vec<(String, String)> = read_nul_list(&dir.join("environ"))
+            .into_iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                k.starts_with("OTEL_")
+                    .then(|| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        let extra = env
+            .iter()
+            .find(|(k, _)| k == "OTEL_RESOURCE_ATTRIBUTES")
+            .map(|(_, v)| parse_resource_attributes(v))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k != "service.name")
+            .collect();
+        let args = read_nul_list(&dir.join("cmdline"));
+        Self {
+            pid,
+            service_name: service_name(&env, &executable_name),
+            go: is_go_binary(&dir.join("exe")),
+            executable_name,
+            executable_path: exe_path,
+            command_line: redact_command_line(&args),
+            extra,
+        }
+    }
+
+    /// The OTLP resource attributes.
+    pub fn resource(&self, host_name: &str) -> Vec<(String, Value)> {
+        let mut r: Vec<(String, Value)> = vec![
+            ("service.name".into(), Value::Str(self.service_name.clone())),
+            ("process.pid".into(), Value::Int(self.pid as i64)),
+            (
+                "process.executable.name".into(),
+                Value::Str(self.executable_name.clone()),
+            ),
+            (
+                "process.executable.path".into(),
+                Value::Str(self.executable_path.clone()),
+            ),
+            (
+                "process.command_line".into(),
+                Value::Str(self.command_line.clone()),
+            ),
+            ("host.name".into(), Value::Str(host_name.to_string())),
+            ("telemetry.sdk.name".into(), Value::Str("wirespan".into())),
+            ("telemetry.sdk.language".into(), Value::Str("rust".into())),
+            (
+                "telemetry.sdk.version".into(),
+                Value::Str(env!("CARGO_PKG_VERSION").into()),
+            ),
+        ];
+        for (k, v) in &self.extra {
+            if !r.iter().any(|(n, _)| n == k) {
+                r.push((k.clone(), Value::Str(v.clone())));
+            }
+        }
+        r
+    }
+}
+
+/// This host's name, from the kernel.
+pub fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The local endpoints of wirespan's own TCP sockets, so that a traced process's side of a
+/// connection to wirespan (a local collector receiving our export) is never traced.
+#[derive(Debug)]
+pub struct OwnSockets {
+    endpoints: HashSet<SocketAddr>,
+    refreshed: Option<Instant>,
+}
+
+impl Default for OwnSockets {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OwnSockets {
+    pub fn new() -> Self {
+        Self {
+            endpoints: HashSet::new(),
+            refreshed: None,
+        }
+    }
+
+    /// Whether `peer` is one of our sockets. Re-reads /proc at most every 100 ms on a miss.
+    pub fn is_own(&mut self, peer: SocketAddr) -> bool {
+        let peer = canonical(peer);
+        if self.endpoints.contains(&peer) {
+            return true;
+        }
+        if self
+            .refreshed
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
+            return false;
+        }
+        self.refresh();
+        self.endpoints.contains(&peer)
+    }
+
+    fn refresh(&mut self) {
+        self.refreshed = Some(Instant::now());
+        let inodes: HashSet<u64> = fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let link = fs::read_link(e.path()).ok()?;
+                let s = link.to_str()?;
+                s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect();
+        self.endpoints.clear();
+        for file in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+            let Ok(text) = fs::read_to_string(file) else {
+                continue;
+            };
+            for (addr, inode) in text.lines().skip(1).filter_map(parse_proc_net_line) {
+                if inodes.contains(&inode) {
+                    self.endpoints.insert(canonical(addr));
+                }
+            }
+        }
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// One line of /proc/net/tcp{,6}: local address and inode.
+pub fn parse_proc_net_line(line: &str) -> Option<(SocketAddr, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let local = f.get(1)?;
+    let inode: u64 = f.get(9)?.parse().ok()?;
+    let (ip_hex, port_hex) = local.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    let ip: std::net::IpAddr = match ip_hex.len() {
+        8 => {
+            let v = u32::from_str_radix(ip_hex, 16).ok()?;
+            std::net::Ipv4Addr::from(v.to_le_bytes()).into()
+        }
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                let w = u32::from_str_radix(&ip_hex[8 * i..8 * i + 8], 16).ok()?;
+                b[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            std::net::Ipv6Addr::from(b).into()
+        }
+        _ => return None,
+    };
+    Some((SocketAddr::new(ip, port), inode))
+}

@@ -1,0 +1,909 @@
+//! From socket events to linked spans.
+//!
+//! Each TCP connection gets two [`Stream`]s (one per direction) and a queue of exchanges:
+//! requests matched to responses in order. A finished exchange becomes a SERVER or CLIENT span.
+//! Its parent is decided by the most certain evidence available, and how is recorded on the
+//! span (`wirespan.link`):
+//!
+//! - `connection`: a server span whose connection we saw from its first byte, and a client span
+//!   of ours at the other end of the same connection (mirrored endpoints) whose request started
+//!   at the same byte offset;
+//! - `header`: the request's `traceparent`/B3 context. For a client span, a header that repeats
+//!   the context a server span of the same process received puts it under that server span; a
+//!   header naming any other span means the process is instrumented already (an OpenTelemetry
+//!   SDK or a client that sends its own context), and wirespan stays out of its way: that
+//!   client span, and the process's server spans, are not exported;
+//! - `thread`: a request sent by a thread between reading a request and finishing its response,
+//!   unless the thread was ever seen serving two requests at once, the process is a Go program,
+//!   or the process answered a request from another thread than the one that read it;
+//! - otherwise a new trace. A link that could be wrong is never made.
+//!
+//! Trace ids are settled lazily, when a span finishes: a server span's client may be reported by
+//! the kernel a moment after the server read its bytes, so a server span that found no client
+//! waits a little for it (see [`PEER_WAIT`]).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    capture::{Direction, EventKind, SocketEvent},
+    clock::WallClock,
+    http::{
+        attributes::{self, Attributes, Exchange, Outcome, Side, Value},
+        context::{self, Remote},
+        framing::{self, Head, MessageKind, Output, Stream},
+    },
+};
+
+use super::process::{OwnSockets, ProcessInfo};
+
+pub type TraceId = [u8; 16];
+pub type SpanId = [u8; 8];
+
+/// How long a server span without its client waits for the client's write to be reported.
+pub const PEER_WAIT: Duration = Duration::from_millis(30);
+/// Finished spans are remembered this long, for children and far ends that finish later.
+const KEEP_FINISHED: Duration = Duration::from_secs(60);
+/// Connections without an event for this long are forgotten.
+const IDLE_CONNECTION: Duration = Duration::from_secs(600);
+/// Requests waiting for responses on one connection (pipelining depth).
+const MAX_PENDING: usize = 256;
+/// Connections tracked at once; more are counted and ignored.
+const MAX_CONNECTIONS: usize = 262_144;
+
+/// How a span's parent was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    Header,
+    Connection,
+    Thread,
+}
+
+impl Link {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Header => "header",
+            Link::Connection => "connection",
+            Link::Thread => "thread",
+        }
+    }
+}
+
+/// A finished span, ready for export.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    /// The parent is a span of another tracer (from a header).
+    pub parent_remote: bool,
+    pub link: Option<Link>,
+    pub side: Side,
+    pub name: String,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Attributes,
+    /// `Some` marks an error, with a description (possibly empty).
+    pub error: Option<String>,
+    pub flags: u8,
+    pub trace_state: Option<String>,
+    pub process: Arc<ProcessInfo>,
+}
+
+/// Counters of what the stitcher saw and did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub events: u64,
+    pub undecodable_events: u64,
+    pub http: framing::Stats,
+    pub invalid_trace_headers: u64,
+    pub spans: u64,
+    /// Spans not exported because the process is instrumented already.
+    pub suppressed: u64,
+    /// Spans not exported because their trace is not sampled.
+    pub unsampled: u64,
+    /// Connections between a traced process and wirespan itself, ignored.
+    pub own_connections: u64,
+    pub connections_dropped: u64,
+    pub pending_dropped: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Parent {
+    Root,
+    Span(SpanId, Link),
+    /// Context from a header that names no span of ours.
+    Remote(Remote),
+    /// The client span at the other end of the connection, if there is one, else the header.
+    Peer {
+        key: PeerKey,
+        header: Option<Remote>,
+    },
+}
+
+/// Client endpoint, server endpoint, and the request's byte offset on the connection.
+type PeerKey = (SocketAddr, SocketAddr, u64);
+
+#[derive(Clone, Debug)]
+struct Resolved {
+    trace_id: TraceId,
+    sampled: bool,
+    flags: u8,
+    trace_state: Option<String>,
+    parent: Option<(SpanId, bool, Link)>,
+}
+
+#[derive(Debug)]
+struct Node {
+    parent: Parent,
+    resolved: Option<Resolved>,
+    pid: u32,
+    side: Side,
+    /// Not exported: the process made this span itself.
+    suppressed: bool,
+    finished: Option<Instant>,
+    peer_key: Option<PeerKey>,
+}
+
+/// A request waiting for (or receiving) its response.
+#[derive(Debug)]
+struct Pending {
+    id: SpanId,
+    head: Head,
+    start_ts: u64,
+    request_body: u64,
+    tid: u32,
+    status: Option<u16>,
+    /// Informational (1xx) response heads seen, whose ends are skipped.
+    informational: u32,
+}
+
+#[derive(Debug)]
+struct Conn {
+    pid: u32,
+    side: Option<Side>,
+    from_start: bool,
+    local: SocketAddr,
+    remote: SocketAddr,
+    ingress: Stream,
+    egress: Stream,
+    pending: VecDeque<Pending>,
+    /// The far end is wirespan: nothing here is traced.
+    own: bool,
+    last_seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct ThreadState {
+    active: Option<SpanId>,
+    multiplexed: bool,
+}
+
+#[derive(Debug)]
+struct Proc {
+    info: Arc<ProcessInfo>,
+    /// Makes its own spans (sends context naming spans that are not ours).
+    instrumented: bool,
+    /// Answered a request from another thread than the one that read it.
+    cross_thread: bool,
+    /// Contexts received by its server spans: (trace, span) -> our server span.
+    received: HashMap<(TraceId, SpanId), (SpanId, Instant)>,
+    last_seen: Instant,
+}
+
+/// A finished exchange whose parent may still appear.
+struct Deferred {
+    since: Instant,
+    span: Span,
+    id: SpanId,
+}
+
+/// Turns socket events into spans.
+pub struct Stitcher {
+    clock: WallClock,
+    proc_root: PathBuf,
+    conns: HashMap<u64, Conn>,
+    nodes: HashMap<SpanId, Node>,
+    clients: HashMap<PeerKey, SpanId>,
+    threads: HashMap<u32, ThreadState>,
+    procs: HashMap<u32, Proc>,
+    own: OwnSockets,
+    deferred: VecDeque<Deferred>,
+    rng: fastrand::Rng,
+    last_prune: Instant,
+    pub stats: Stats,
+}
+
+impl Stitcher {
+    pub fn new(clock: WallClock) -> Self {
+        Self::with_proc_root(clock, PathBuf::from("/proc"))
+    }
+
+    pub fn with_proc_root(clock: WallClock, proc_root: PathBuf) -> Self {
+        Self {
+            clock,
+            proc_root,
+            conns: HashMap::new(),
+            nodes: HashMap::new(),
+            clients: HashMap::new(),
+            threads: HashMap::new(),
+            procs: HashMap::new(),
+            own: OwnSockets::new(),
+            deferred: VecDeque::new(),
+            rng: fastrand::Rng::new(),
+            last_prune: Instant::now(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Connections currently tracked.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Processes currently known.
+    pub fn processes(&self) -> usize {
+        self.procs.len()
+    }
+
+    fn span_id(&mut self) -> SpanId {
+        loop {
+            let id = self.rng.u64(..).to_be_bytes();
+            if id != [0; 8] && !self.nodes.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn trace_id(&mut self) -> TraceId {
+        loop {
+            let id = self.rng.u128(..).to_be_bytes();
+            if id != [0; 16] {
+                return id;
+            }
+        }
+    }
+
+    fn proc(&mut self, pid: u32, comm: &str) -> &mut Proc {
+        let root = &self.proc_root;
+        let p = self.procs.entry(pid).or_insert_with(|| Proc {
+            info: Arc::new(ProcessInfo::read(root, pid, comm)),
+            instrumented: false,
+            cross_thread: false,
+            received: HashMap::new(),
+            last_seen: Instant::now(),
+        });
+        p.last_seen = Instant::now();
+        p
+    }
+
+    /// Handles one socket event; finished spans are appended to `out`.
+    pub fn event(&mut self, ev: &SocketEvent<'_>, out: &mut Vec<Span>) {
+        self.stats.events += 1;
+        let h = &ev.header;
+        let id = h.conn_id;
+        match ev.kind {
+            EventKind::Accept | EventKind::Connect => {
+                // A new connection on this socket: anything left from an old one is over.
+                if let Some(old) = self.conns.remove(&id) {
+                    self.close_conn(old, h.ts_ns, out);
+                }
+                let side = if ev.kind == EventKind::Accept {
+                    Side::Server
+                } else {
+                    Side::Client
+                };
+                self.new_conn(ev, Some(side), true);
+            }
+            EventKind::Data(dir) => {
+                if !self.conns.contains_key(&id) {
+                    self.new_conn(ev, None, false);
+                }
+                self.proc(h.pid, ev.comm());
+                let Some(mut conn) = self.conns.remove(&id) else {
+                    return;
+                };
+                conn.last_seen = Instant::now();
+                if !conn.own {
+                    self.data(&mut conn, ev, dir, out);
+                }
+                self.conns.insert(id, conn);
+            }
+            EventKind::Close => {
+                if let Some(conn) = self.conns.remove(&id) {
+                    self.close_conn(conn, h.ts_ns, out);
+                }
+            }
+        }
+    }
+
+    fn new_conn(&mut self, ev: &SocketEvent<'_>, side: Option<Side>, from_start: bool) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.stats.connections_dropped += 1;
+            return;
+        }
+        let (ingress_kind, egress_kind) = match side {
+            Some(Side::Server) => (Some(MessageKind::Request), Some(MessageKind::Response)),
+            Some(Side::Client) => (Some(MessageKind::Response), Some(MessageKind::Request)),
+            None => (None, None),
+        };
+        let stream = |k| {
+            if from_start {
+                Stream::new(k)
+            } else {
+                Stream::joined_midway(k)
+            }
+        };
+        let remote = ev.remote();
+        let own = self.own.is_own(remote);
+        if own {
+            self.stats.own_connections += 1;
+        }
+        self.conns.insert(
+            ev.header.conn_id,
+            Conn {
+                pid: ev.header.pid,
+                side,
+                from_start,
+                local: ev.local(),
+                remote,
+                ingress: stream(ingress_kind),
+                egress: stream(egress_kind),
+                pending: VecDeque::new(),
+                own,
+                last_seen: Instant::now(),
+            },
+        );
+    }
+
+    fn data(&mut self, conn: &mut Conn, ev: &SocketEvent<'_>, dir: Direction, out: &mut Vec<Span>) {
+        let h = &ev.header;
+        let mut outputs = Vec::new();
+        let before = match dir {
+            Direction::Ingress => conn.ingress.stats,
+            Direction::Egress => conn.egress.stats,
+        };
+        {
+            let Conn {
+                ingress,
+                egress,
+                pending,
+                side,
+                ..
+            } = conn;
+            let stream = match dir {
+                Direction::Ingress => ingress,
+                Direction::Egress => egress,
+            };
+            // Requests come from whichever side the stream carries; the response framing
+            // needs the method of the oldest request without a final response.
+            let mut frame = |head: &Head| match head.kind {
+                Some(MessageKind::Request) => framing::request_body(head),
+                _ => {
+                    let method = pending
+                        .iter()
+                        .find(|p| p.status.is_none())
+                        .map(|p| p.head.method.as_str());
+                    framing::response_body(head, method)
+                }
+            };
+            stream.feed(h.ts_ns, h.len, ev.payload, &mut frame, &mut outputs);
+            if side.is_none() {
+                // Role of a connection seen midway: whoever reads requests serves them.
+                *side = match (dir, stream.kind()) {
+                    (Direction::Ingress, Some(MessageKind::Request))
+                    | (Direction::Egress, Some(MessageKind::Response)) => Some(Side::Server),
+                    (Direction::Egress, Some(MessageKind::Request))
+                    | (Direction::Ingress, Some(MessageKind::Response)) => Some(Side::Client),
+                    _ => None,
+                };
+            }
+        }
+        let after = match dir {
+            Direction::Ingress => conn.ingress.stats,
+            Direction::Egress => conn.egress.stats,
+        };
+        let mut delta = after;
+        delta.malformed -= before.malformed;
+        delta.oversized -= before.oversized;
+        delta.truncated -= before.truncated;
+        delta.skipped_calls -= before.skipped_calls;
+        self.stats.http.add(&delta);
+        let Some(side) = conn.side else {
+            return;
+        };
+        let requests_dir = match side {
+            Side::Server => Direction::Ingress,
+            Side::Client => Direction::Egress,
+        };
+        for o in outputs {
+            if dir == requests_dir {
+                self.request_output(conn, side, ev, o);
+            } else {
+                self.response_output(conn, side, ev, o, out);
+            }
+        }
+    }
+
+    fn request_output(&mut self, conn: &mut Conn, side: Side, ev: &SocketEvent<'_>, o: Output) {
+        match o {
+            Output::Head { head, ts, offset } => {
+                if head.kind != Some(MessageKind::Request) {
+                    return;
+                }
+                if conn.pending.len() >= MAX_PENDING {
+                    self.stats.pending_dropped += 1;
+                    return;
+                }
+                let id = self.span_id();
+                let tid = ev.header.tid;
+                let pid = ev.header.pid;
+                let header = match context::extract(&head) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.stats.invalid_trace_headers += 1;
+                        None
+                    }
+                };
+                let mut peer_key = None;
+                let (parent, suppressed) = match side {
+                    Side::Server => {
+                        if let Some(h) = &header {
+                            let p = self.proc(pid, ev.comm());
+                            p.received
+                                .insert((h.trace_id, h.span_id), (id, Instant::now()));
+                        }
+                        let parent = if conn.from_start {
+                            Parent::Peer {
+                                key: (conn.remote, conn.local, offset),
+                                header,
+                            }
+                        } else {
+                            match header {
+                                Some(h) => Parent::Remote(h),
+                                None => Parent::Root,
+                            }
+                        };
+                        let t = self.threads.entry(tid).or_default();
+                        if let Some(a) = t.active
+                            && self.nodes.get(&a).is_some_and(|n| n.finished.is_none())
+                        {
+                            t.multiplexed = true;
+                        }
+                        t.active = Some(id);
+                        (parent, false)
+                    }
+                    Side::Client => {
+                        if conn.from_start {
+                            peer_key = Some((conn.local, conn.remote, offset));
+                        }
+                        self.client_parent(pid, tid, ev.comm(), header)
+                    }
+                };
+                if let Some(k) = peer_key {
+                    self.clients.insert(k, id);
+                }
+                self.nodes.insert(
+                    id,
+                    Node {
+                        parent,
+                        resolved: None,
+                        pid,
+                        side,
+                        suppressed,
+                        finished: None,
+                        peer_key,
+                    },
+                );
+                conn.pending.push_back(Pending {
+                    id,
+                    head,
+                    start_ts: ts,
+                    request_body: 0,
+                    tid,
+                    status: None,
+                    informational: 0,
+                });
+            }
+            Output::End { body_bytes, .. } => {
+                if let Some(p) = conn.pending.back_mut() {
+                    p.request_body = body_bytes;
+                }
+            }
+        }
+    }
+
+    /// Parent of a client span sent by thread `tid` of process `pid`.
+    fn client_parent(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        comm: &str,
+        header: Option<Remote>,
+    ) -> (Parent, bool) {
+        let ours = header
+            .as_ref()
+            .is_some_and(|h| self.nodes.contains_key(&h.span_id));
+        let proc = self.proc(pid, comm);
+        if let Some(h) = header {
+            if let Some((server, _)) = proc.received.get(&(h.trace_id, h.span_id)) {
+                // The process forwards the context it received.
+                return (Parent::Span(*server, Link::Header), false);
+            }
+            if ours {
+                return (Parent::Span(h.span_id, Link::Header), false);
+            }
+            // The header names a span the process made itself.
+            proc.instrumented = true;
+            return (Parent::Remote(h), true);
+        }
+        let go = proc.info.go;
+        let cross = proc.cross_thread;
+        if go || cross {
+            return (Parent::Root, false);
+        }
+        let Some(t) = self.threads.get(&tid) else {
+            return (Parent::Root, false);
+        };
+        match t.active {
+            Some(a)
+                if !t.multiplexed
+                    && self
+                        .nodes
+                        .get(&a)
+                        .is_some_and(|n| n.finished.is_none() && n.pid == pid) =>
+            {
+                (Parent::Span(a, Link::Thread), false)
+            }
+            _ => (Parent::Root, false),
+        }
+    }
+
+    fn response_output(
+        &mut self,
+        conn: &mut Conn,
+        side: Side,
+        ev: &SocketEvent<'_>,
+        o: Output,
+        out: &mut Vec<Span>,
+    ) {
+        match o {
+            Output::Head { head, .. } => {
+                let Some(p) = conn.pending.iter_mut().find(|p| p.status.is_none()) else {
+                    return;
+                };
+                if (100..200).contains(&head.status) && head.status != 101 {
+                    p.informational += 1;
+                } else {
+                    p.status = Some(head.status);
+                }
+            }
+            Output::End {
+                ts,
+                body_bytes,
+                complete,
+            } => {
+                let Some(front) = conn.pending.front_mut() else {
+                    return;
+                };
+                if front.informational > 0 {
+                    front.informational -= 1;
+                    return;
+                }
+                let Some(p) = conn.pending.pop_front() else {
+                    return;
+                };
+                let outcome = match (p.status, complete) {
+                    (Some(code), true) => Outcome::Response(code),
+                    _ => Outcome::CutOff,
+                };
+                if side == Side::Server && ev.header.tid != p.tid {
+                    let comm = ev.comm().to_string();
+                    self.proc(conn.pid, &comm).cross_thread = true;
+                }
+                self.finish(conn, side, p, ts, outcome, body_bytes, out);
+            }
+        }
+    }
+
+    fn close_conn(&mut self, mut conn: Conn, ts: u64, out: &mut Vec<Span>) {
+        if conn.own {
+            return;
+        }
+        let mut outputs = Vec::new();
+        conn.ingress.close(ts, &mut outputs);
+        let ingress_outputs = std::mem::take(&mut outputs);
+        conn.egress.close(ts, &mut outputs);
+        if let Some(side) = conn.side {
+            let (req, resp) = match side {
+                Side::Server => (ingress_outputs, outputs),
+                Side::Client => (outputs, ingress_outputs),
+            };
+            // Only ends come out of a close.
+            for o in req {
+                if let Output::End { body_bytes, .. } = o
+                    && let Some(p) = conn.pending.back_mut()
+                {
+                    p.request_body = body_bytes;
+                }
+            }
+            for o in resp {
+                if let Output::End {
+                    ts,
+                    body_bytes,
+                    complete,
+                } = o
+                    && let Some(p) = conn.pending.pop_front()
+                {
+                    let outcome = match (p.status, complete) {
+                        (Some(code), true) => Outcome::Response(code),
+                        _ => Outcome::CutOff,
+                    };
+                    self.finish(&conn, side, p, ts, outcome, body_bytes, out);
+                }
+            }
+            while let Some(p) = conn.pending.pop_front() {
+                self.finish(&conn, side, p, ts, Outcome::CutOff, 0, out);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        conn: &Conn,
+        side: Side,
+        p: Pending,
+        end_ts: u64,
+        outcome: Outcome,
+        response_body: u64,
+        out: &mut Vec<Span>,
+    ) {
+        let ex = Exchange {
+            side,
+            request: &p.head,
+            response_status: match outcome {
+                Outcome::Response(c) => Some(c),
+                Outcome::CutOff => p.status,
+            },
+            outcome: outcome.clone(),
+            local: conn.local,
+            remote: conn.remote,
+            request_body: p.request_body,
+            response_body,
+        };
+        let attrs = attributes::attributes(&ex);
+        let error = attributes::error(&ex);
+        if let Some(n) = self.nodes.get_mut(&p.id) {
+            n.finished = Some(Instant::now());
+        }
+        if let Some(t) = self.threads.get_mut(&p.tid)
+            && t.active == Some(p.id)
+        {
+            t.active = None;
+        }
+        let info = match self.procs.get(&conn.pid) {
+            Some(proc) => proc.info.clone(),
+            None => Arc::new(ProcessInfo::read(&self.proc_root, conn.pid, "")),
+        };
+        let span = Span {
+            trace_id: [0; 16],
+            span_id: p.id,
+            parent_span_id: None,
+            parent_remote: false,
+            link: None,
+            side,
+            name: attributes::span_name(&p.head.method, None),
+            start_unix_ns: self.clock.to_unix_ns(p.start_ts),
+            end_unix_ns: self.clock.to_unix_ns(end_ts),
+            attributes: attrs,
+            error,
+            flags: 1,
+            trace_state: None,
+            process: info,
+        };
+        self.stats.spans += 1;
+        let waiting_for_peer = match self.nodes.get(&p.id).map(|n| &n.parent) {
+            Some(Parent::Peer { key, .. }) => !self.clients.contains_key(key),
+            _ => false,
+        };
+        if waiting_for_peer {
+            self.deferred.push_back(Deferred {
+                since: Instant::now(),
+                span,
+                id: p.id,
+            });
+        } else {
+            self.emit(p.id, span, out);
+        }
+    }
+
+    /// Settles the span's trace and parent, and hands it out unless it is not to be exported.
+    fn emit(&mut self, id: SpanId, mut span: Span, out: &mut Vec<Span>) {
+        let r = self.resolve(id);
+        let Some(node) = self.nodes.get(&id) else {
+            return;
+        };
+        let instrumented =
+            node.side == Side::Server && self.procs.get(&node.pid).is_some_and(|p| p.instrumented);
+        if node.suppressed || instrumented {
+            self.stats.suppressed += 1;
+            return;
+        }
+        if !r.sampled {
+            self.stats.unsampled += 1;
+            return;
+        }
+        span.trace_id = r.trace_id;
+        span.flags = r.flags;
+        span.trace_state = r.trace_state;
+        if let Some((parent, remote, link)) = r.parent {
+            span.parent_span_id = Some(parent);
+            span.parent_remote = remote;
+            span.link = Some(link);
+            span.attributes
+                .push(("wirespan.link", Value::Str(link.as_str().into())));
+        }
+        out.push(span);
+    }
+
+    /// The trace a span belongs to, fixed the first time it is asked for.
+    fn resolve(&mut self, id: SpanId) -> Resolved {
+        // Walk up to the first ancestor whose trace is settled (or a root), then settle the
+        // path top-down. Depth is bounded: a cycle cannot form (parents are older), but a bound
+        // keeps a corrupted map from looping.
+        let mut path = vec![id];
+        let mut top: Option<Resolved> = None;
+        while path.len() < 256 {
+            let cur = *path.last().unwrap_or(&id);
+            let Some(node) = self.nodes.get(&cur) else {
+                break;
+            };
+            if let Some(r) = &node.resolved {
+                top = Some(r.clone());
+                path.pop();
+                break;
+            }
+            let next = match &node.parent {
+                Parent::Span(p, _) => Some(*p),
+                Parent::Peer { key, .. } => self
+                    .clients
+                    .get(key)
+                    .copied()
+                    .filter(|c| self.nodes.get(c).is_some_and(|n| !n.suppressed)),
+                _ => None,
+            };
+            match next.filter(|n| self.nodes.contains_key(n) && !path.contains(n)) {
+                Some(n) => path.push(n),
+                None => break,
+            }
+        }
+        let mut above = top;
+        while let Some(cur) = path.pop() {
+            let r = self.settle(cur, above.as_ref());
+            if let Some(n) = self.nodes.get_mut(&cur) {
+                n.resolved = Some(r.clone());
+            }
+            above = Some(r);
+        }
+        above.unwrap_or(Resolved {
+            trace_id: [0; 16],
+            sampled: false,
+            flags: 0,
+            trace_state: None,
+            parent: None,
+        })
+    }
+
+    /// Settles one node given its parent's settled trace (`None` if it has no span parent).
+    fn settle(&mut self, id: SpanId, parent: Option<&Resolved>) -> Resolved {
+        let Some(node) = self.nodes.get(&id) else {
+            return Resolved {
+                trace_id: self.trace_id(),
+                sampled: true,
+                flags: 1,
+                trace_state: None,
+                parent: None,
+            };
+        };
+        let inherit = |p: &Resolved, pid: SpanId, link: Link| Resolved {
+            trace_id: p.trace_id,
+            sampled: p.sampled,
+            flags: p.flags,
+            trace_state: p.trace_state.clone(),
+            parent: Some((pid, false, link)),
+        };
+        let remote = |h: &Remote| Resolved {
+            trace_id: h.trace_id,
+            sampled: h.sampled,
+            flags: h.flags,
+            trace_state: h.trace_state.clone(),
+            parent: Some((h.span_id, true, Link::Header)),
+        };
+        match (&node.parent, parent) {
+            (Parent::Span(pid, link), Some(p)) => inherit(p, *pid, *link),
+            (Parent::Peer { key, .. }, Some(p)) => {
+                let client = self.clients.get(key).copied().unwrap_or([0; 8]);
+                inherit(p, client, Link::Connection)
+            }
+            (
+                Parent::Peer {
+                    header: Some(h), ..
+                },
+                None,
+            )
+            | (Parent::Remote(h), _) => remote(h),
+            _ => Resolved {
+                trace_id: self.trace_id(),
+                sampled: true,
+                flags: 1,
+                trace_state: None,
+                parent: None,
+            },
+        }
+    }
+
+    /// Time-based work: deferred server spans whose client did not show up, and forgetting
+    /// old state. Call regularly.
+    pub fn tick(&mut self, out: &mut Vec<Span>) {
+        let now = Instant::now();
+        while self
+            .deferred
+            .front()
+            .is_some_and(|d| now.duration_since(d.since) >= PEER_WAIT)
+        {
+            if let Some(d) = self.deferred.pop_front() {
+                self.emit(d.id, d.span, out);
+            }
+        }
+        if now.duration_since(self.last_prune) < Duration::from_secs(1) {
+            return;
+        }
+        self.last_prune = now;
+        let deferred: Vec<SpanId> = self.deferred.iter().map(|d| d.id).collect();
+        let mut gone = Vec::new();
+        self.nodes.retain(|id, n| {
+            let keep = n
+                .finished
+                .is_none_or(|f| now.duration_since(f) < KEEP_FINISHED)
+                || deferred.contains(id);
+            if !keep && let Some(k) = n.peer_key {
+                gone.push(k);
+            }
+            keep
+        });
+        for k in gone {
+            self.clients.remove(&k);
+        }
+        let nodes = &self.nodes;
+        self.threads
+            .retain(|_, t| t.multiplexed || t.active.is_some_and(|a| nodes.contains_key(&a)));
+        let mut closed = Vec::new();
+        for (id, c) in &self.conns {
+            if now.duration_since(c.last_seen) > IDLE_CONNECTION {
+                closed.push(*id);
+            }
+        }
+        for id in closed {
+            self.conns.remove(&id);
+        }
+        let live: std::collections::HashSet<u32> = self.conns.values().map(|c| c.pid).collect();
+        self.procs.retain(|pid, p| {
+            p.received
+                .retain(|_, (_, t)| now.duration_since(*t) < KEEP_FINISHED);
+            live.contains(pid) || now.duration_since(p.last_seen) < IDLE_CONNECTION
+        });
+    }
+
+    /// Ends everything in progress (at shutdown): deferred spans go out as they are.
+    pub fn flush(&mut self, out: &mut Vec<Span>) {
+        while let Some(d) = self.deferred.pop_front() {
+            self.emit(d.id, d.span, out);
+        }
+    }
+}
