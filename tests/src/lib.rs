@@ -402,6 +402,7 @@ pub fn nginx(port: u16, dir: &Path) -> anyhow::Result<Proc> {
     let proc = Proc::spawn(
         "nginx",
         Command::new("nginx")
+            .env("OTEL_SERVICE_NAME", "nginx")
             .arg("-c")
             .arg(&conf)
             .arg("-p")
@@ -430,7 +431,9 @@ pub fn go_server(port: u16, dir: &Path) -> anyhow::Result<Proc> {
     }
     let proc = Proc::spawn(
         "goserver",
-        Command::new(&bin).arg(format!("127.0.0.1:{port}")),
+        Command::new(&bin)
+            .arg(format!("127.0.0.1:{port}"))
+            .env("OTEL_SERVICE_NAME", "go"),
     )?;
     wait_for_port(format!("127.0.0.1:{port}").parse()?)?;
     Ok(proc)
@@ -468,4 +471,133 @@ pub fn curl(args: &[&str]) -> anyhow::Result<(u32, Vec<u8>)> {
         bail!("curl {args:?} failed: {}", out.status);
     }
     Ok((pid, out.stdout))
+}
+
+pub mod otlp;
+
+/// A running `wirespan run` exporting to an OTLP endpoint (or the embedded UI).
+pub struct SpanAgent {
+    proc: Proc,
+    stdout: Option<JoinHandle<Vec<String>>>,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl SpanAgent {
+    /// Starts `wirespan run --log-spans` with `args`, batching every 100 ms, and returns once
+    /// its probes are attached.
+    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(wirespan_bin());
+        cmd.env("RUST_LOG", "info")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .args(["run", "--log-spans"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut proc = Proc::spawn("wirespan", &mut cmd)?;
+        let stdout = proc.child.stdout.take().expect("piped");
+        let stdout = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .inspect(|l| eprintln!("[wirespan] {l}"))
+                .collect::<Vec<_>>()
+        });
+        let stderr = proc.child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[wirespan] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("wirespan: ready") => break,
+                Ok(line) if line.starts_with("wirespan: cannot") || line.contains("Error") => {
+                    bail!("{line}")
+                }
+                Ok(_) => {}
+                Err(_) => bail!("wirespan did not become ready within 30 s"),
+            }
+        }
+        Ok(Self {
+            proc,
+            stdout: Some(stdout),
+            stderr: rx,
+        })
+    }
+
+    /// Starts the agent exporting over gRPC to `receiver`.
+    pub fn to(receiver: &otlp::Receiver) -> anyhow::Result<Self> {
+        let endpoint = format!("http://{}", receiver.grpc);
+        Self::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Stops the agent with SIGINT (it flushes its spans first); returns the `--log-spans`
+    /// lines and the closing stderr lines.
+    pub fn stop(mut self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        // Events are in the ring buffer when the syscall returns; give the reader a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.signal(libc::SIGINT);
+        let status = self.proc.child.wait()?;
+        if !status.success() {
+            bail!("wirespan exited with {status}");
+        }
+        let lines = self
+            .stdout
+            .take()
+            .expect("stop is called once")
+            .join()
+            .map_err(|_| anyhow!("stdout reader panicked"))?;
+        Ok((lines, self.stderr.try_iter().collect()))
+    }
+}
+
+/// Starts a service program with `OTEL_SERVICE_NAME=name` and waits for its port.
+pub fn service(name: &str, port: u16, cmd: &mut Command) -> anyhow::Result<Proc> {
+    cmd.env("OTEL_SERVICE_NAME", name);
+    let proc = Proc::spawn(name, cmd)?;
+    wait_for_port(format!("127.0.0.1:{port}").parse()?)?;
+    Ok(proc)
+}
+
+/// tests/programs/chain.py on `port`, calling `next` if given.
+pub fn chain_python(name: &str, port: u16, next: Option<&str>) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(program("chain.py"))
+        .args(["--port", &port.to_string()]);
+    if let Some(n) = next {
+        cmd.args(["--next", n]);
+    }
+    service(name, port, &mut cmd)
+}
+
+/// tests/programs/chain.js (Node.js) on `port`, calling `next` if given.
+pub fn chain_node(name: &str, port: u16, next: Option<&str>) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("node");
+    cmd.arg(program("chain.js")).arg(port.to_string());
+    if let Some(n) = next {
+        cmd.arg(n);
+    }
+    service(name, port, &mut cmd)
+}
+
+/// tests/programs/Server.java run by Java 17's source launcher.
+pub fn java_server(name: &str, port: u16) -> anyhow::Result<Proc> {
+    service(
+        name,
+        port,
+        Command::new("java")
+            .arg(program("Server.java"))
+            .arg(port.to_string()),
+    )
 }

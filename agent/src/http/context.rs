@@ -219,6 +219,10 @@ pub fn extract(head: &Head) -> Result<Option<Remote>, Invalid> {
         _ => return Err(Invalid::Traceparent),
     }
     if let Some(b3) = head.header("b3") {
+        if matches!(b3.trim(), "0" | "1" | "d") {
+            // A sampling decision alone, without ids: no context to join.
+            return Ok(None);
+        }
         return parse_b3_single(b3).map(Some).ok_or(Invalid::B3);
     }
     if head.header("x-b3-traceid").is_some() || head.header("x-b3-spanid").is_some() {

@@ -508,8 +508,9 @@ impl Stream {
                                         call_start = false;
                                     }
                                 }
-                                ChunkStep::Lost => {
-                                    if !rest.is_empty() {
+                                ChunkStep::Lost { data } => {
+                                    *bytes += data;
+                                    if gap == 0 {
                                         // Malformed chunk framing, not a gap.
                                         self.stats.malformed += 1;
                                     }
@@ -662,8 +663,8 @@ fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
 enum ChunkStep {
     /// `used` captured bytes consumed (and some of `gap`), `data` body bytes counted.
     Consumed { used: usize, data: u64, done: bool },
-    /// Framing could not be followed.
-    Lost,
+    /// Framing could not be followed (after `data` body bytes).
+    Lost { data: u64 },
 }
 
 /// Advances chunked decoding over one call's remaining bytes.
@@ -689,13 +690,20 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
                     if *remaining == 0 {
                         *chunk = Chunk::DataEnd(2);
                     }
-                    if *gap > 0 {
-                        // The gap runs past the data, over framing we cannot see.
-                        return ChunkStep::Lost;
+                    continue;
+                }
+                // The CRLF after chunk data is fixed: skipping it unseen is safe.
+                Chunk::DataEnd(left) => {
+                    let n = (*left as u64).min(*gap);
+                    *gap -= n;
+                    *left -= n as u8;
+                    if *left == 0 {
+                        *chunk = Chunk::Size(Vec::new());
                     }
                     continue;
                 }
-                _ => return ChunkStep::Lost,
+                // A size line we cannot see.
+                _ => return ChunkStep::Lost { data },
             }
         }
         match chunk {
@@ -704,14 +712,14 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
                     line.extend_from_slice(&bytes[pos..]);
                     pos = bytes.len();
                     if line.len() > MAX_LINE {
-                        return ChunkStep::Lost;
+                        return ChunkStep::Lost { data };
                     }
                     continue;
                 };
                 line.extend_from_slice(&bytes[pos..pos + nl]);
                 pos += nl + 1;
                 let Some(size) = chunk_size(line) else {
-                    return ChunkStep::Lost;
+                    return ChunkStep::Lost { data };
                 };
                 *chunk = if size == 0 {
                     Chunk::Trailer(Vec::new())
@@ -732,7 +740,7 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
                 let b = bytes[pos];
                 let ok = (*left == 2 && (b == b'\r' || b == b'\n')) || (*left == 1 && b == b'\n');
                 if !ok {
-                    return ChunkStep::Lost;
+                    return ChunkStep::Lost { data };
                 }
                 pos += 1;
                 *left = if b == b'\n' { 0 } else { *left - 1 };
@@ -745,7 +753,7 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
                     line.extend_from_slice(&bytes[pos..]);
                     pos = bytes.len();
                     if line.len() > MAX_LINE {
-                        return ChunkStep::Lost;
+                        return ChunkStep::Lost { data };
                     }
                     continue;
                 };

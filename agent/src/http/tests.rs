@@ -1,1 +1,562 @@
+//! Framing, trace-context and attribute rules, one test each.
 
+use super::{
+    attributes::{self, Exchange, Outcome, Side, Value},
+    context::{self, Format},
+    framing::{self, Body, Head, MessageKind, Output, Stream},
+};
+
+/// Feeds calls (time = index + 1, all bytes captured) to a stream of `kind`; responses are
+/// framed as answers to `method`.
+fn run(kind: MessageKind, method: &str, calls: &[&[u8]]) -> (Vec<Output>, Stream) {
+    let mut s = Stream::new(Some(kind));
+    let mut out = Vec::new();
+    for (i, c) in calls.iter().enumerate() {
+        feed(&mut s, i as u64 + 1, c.len() as u64, c, method, &mut out);
+    }
+    (out, s)
+}
+
+fn feed(s: &mut Stream, ts: u64, len: u64, data: &[u8], method: &str, out: &mut Vec<Output>) {
+    let mut frame = |h: &Head| match h.kind {
+        Some(MessageKind::Request) => framing::request_body(h),
+        _ => framing::response_body(h, Some(method)),
+    };
+    s.feed(ts, len, data, &mut frame, out);
+}
+
+fn heads(out: &[Output]) -> Vec<&Head> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Head { head, .. } => Some(head),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ends(out: &[Output]) -> Vec<(u64, u64, bool)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::End {
+                ts,
+                body_bytes,
+                complete,
+            } => Some((*ts, *body_bytes, *complete)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn content_length_body_split_over_calls() {
+    let (out, _) = run(
+        MessageKind::Response,
+        "GET",
+        &[
+            b"HTTP/1.1 200 OK\r\nContent-",
+            b"Length: 10\r\n\r\n01234",
+            b"567",
+            b"89",
+        ],
+    );
+    assert_eq!(heads(&out)[0].status, 200);
+    assert_eq!(ends(&out), vec![(4, 10, true)]);
+    // The head is timed by the call that carried its first byte.
+    assert!(matches!(
+        out[0],
+        Output::Head {
+            ts: 1,
+            offset: 0,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn request_without_body_ends_with_its_head() {
+    let (out, _) = run(
+        MessageKind::Request,
+        "",
+        &[b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n"],
+    );
+    let h = heads(&out)[0];
+    assert_eq!((h.method.as_str(), h.target.as_str()), ("GET", "/a?b=1"));
+    assert_eq!(h.header("user-agent"), Some("t"));
+    assert_eq!(ends(&out), vec![(1, 0, true)]);
+}
+
+#[test]
+fn chunked_with_extensions_and_trailers() {
+    let (out, _) = run(
+        MessageKind::Response,
+        "GET",
+        &[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5;ext=1\r\nhello\r\n",
+            b"6\r\n world\r",
+            b"\n0\r\nX-Trailer: 1\r\n",
+            b"\r\n",
+        ],
+    );
+    assert_eq!(ends(&out), vec![(5, 11, true)]);
+}
+
+#[test]
+fn chunked_data_larger_than_the_capture_is_skipped_by_length() {
+    let mut s = Stream::new(Some(MessageKind::Response));
+    let mut out = Vec::new();
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+    feed(&mut s, 1, head.len() as u64, head, "GET", &mut out);
+    // A 0x2000-byte chunk in one call of which only 16 bytes were captured.
+    let mut call = b"2000\r\n".to_vec();
+    call.extend(std::iter::repeat_n(b'a', 0x2000));
+    call.extend_from_slice(b"\r\n");
+    feed(&mut s, 2, call.len() as u64, &call[..16], "GET", &mut out);
+    feed(&mut s, 3, 5, b"0\r\n\r\n", "GET", &mut out);
+    assert_eq!(ends(&out), vec![(3, 0x2000, true)]);
+}
+
+#[test]
+fn gap_over_chunk_framing_is_resolved_by_the_next_message() {
+    let mut s = Stream::new(Some(MessageKind::Response));
+    let mut out = Vec::new();
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+    feed(&mut s, 1, head.len() as u64, head, "GET", &mut out);
+    // Two chunks in one call; the second size line falls in the uncaptured part.
+    feed(
+        &mut s,
+        2,
+        4000,
+        b"10\r\n0123456789abcdef\r\n",
+        "GET",
+        &mut out,
+    );
+    feed(&mut s, 3, 100, b"more body", "GET", &mut out);
+    let next = b"HTTP/1.1 204 No Content\r\n\r\n";
+    feed(&mut s, 4, next.len() as u64, next, "GET", &mut out);
+    // The first message ends, incomplete, at the last call before the next one began.
+    assert_eq!(ends(&out)[0], (3, 16, false));
+    assert_eq!(heads(&out)[1].status, 204);
+    assert_eq!(s.stats.skipped_calls, 1);
+}
+
+#[test]
+fn head_response_and_no_body_statuses() {
+    for (method, status) in [("HEAD", 200), ("GET", 204), ("GET", 304), ("GET", 100)] {
+        let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 50\r\n\r\n");
+        let (out, s) = run(MessageKind::Response, method, &[resp.as_bytes()]);
+        assert_eq!(ends(&out), vec![(1, 0, true)], "{method} {status}");
+        assert!(s.is_idle());
+    }
+}
+
+#[test]
+fn read_until_close_body() {
+    let mut s = Stream::new(Some(MessageKind::Response));
+    let mut out = Vec::new();
+    feed(&mut s, 1, 19, b"HTTP/1.0 200 OK\r\n\r\n", "GET", &mut out);
+    feed(&mut s, 2, 3, b"abc", "GET", &mut out);
+    feed(&mut s, 3, 4, b"defg", "GET", &mut out);
+    assert!(ends(&out).is_empty());
+    s.close(9, &mut out);
+    // Ends at the last byte, not at the close.
+    assert_eq!(ends(&out), vec![(3, 7, true)]);
+    assert!(heads(&out)[0].close, "HTTP/1.0 without keep-alive closes");
+}
+
+#[test]
+fn close_mid_body_is_incomplete() {
+    let mut s = Stream::new(Some(MessageKind::Response));
+    let mut out = Vec::new();
+    let r = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc";
+    feed(&mut s, 1, r.len() as u64, r, "GET", &mut out);
+    s.close(5, &mut out);
+    assert_eq!(ends(&out), vec![(5, 3, false)]);
+}
+
+#[test]
+fn pipelined_requests_in_one_call_have_their_own_offsets() {
+    let call = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyzGET /3 HTTP/1.1\r\n\r\n";
+    let (out, _) = run(MessageKind::Request, "", &[call]);
+    let offsets: Vec<(String, u64)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Head { head, offset, .. } => Some((head.target.clone(), *offset)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        offsets,
+        vec![("/1".into(), 0), ("/2".into(), 28), ("/3".into(), 79)]
+    );
+    assert_eq!(ends(&out).len(), 3);
+    assert_eq!(ends(&out)[1].1, 3);
+}
+
+#[test]
+fn expect_continue_request_body_after_interim_response() {
+    let (out, _) = run(
+        MessageKind::Request,
+        "",
+        &[
+            b"PUT /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            b"data",
+        ],
+    );
+    assert!(heads(&out)[0].expect_continue);
+    assert_eq!(ends(&out), vec![(2, 4, true)]);
+    let (out, _) = run(
+        MessageKind::Response,
+        "PUT",
+        &[
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+        ],
+    );
+    assert_eq!(
+        heads(&out).iter().map(|h| h.status).collect::<Vec<_>>(),
+        vec![100, 201]
+    );
+}
+
+#[test]
+fn upgrade_stops_parsing() {
+    let (out, s) = run(
+        MessageKind::Response,
+        "GET",
+        &[
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"\x81\x05hello",
+        ],
+    );
+    assert_eq!(ends(&out).len(), 1);
+    assert_eq!(s.stats, framing::Stats::default());
+}
+
+#[test]
+fn midway_stream_resynchronises_at_a_message_start() {
+    let mut s = Stream::joined_midway(Some(MessageKind::Request));
+    let mut out = Vec::new();
+    feed(&mut s, 1, 10, b"tail of a ", "", &mut out);
+    feed(&mut s, 2, 18, b"GET / HTTP/1.1\r\n\r\n", "", &mut out);
+    assert_eq!(heads(&out).len(), 1);
+    assert_eq!(s.stats.skipped_calls, 1);
+}
+
+#[test]
+fn non_http_bytes_make_no_messages() {
+    let (out, s) = run(
+        MessageKind::Request,
+        "",
+        &[
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc",
+            b"*1\r\n$4\r\nPING\r\n",
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!(s.stats.skipped_calls, 2);
+}
+
+#[test]
+fn malformed_head_is_counted_and_skipped() {
+    let (out, s) = run(
+        MessageKind::Request,
+        "",
+        &[
+            b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /ok HTTP/1.1\r\n\r\n",
+        ],
+    );
+    assert_eq!(s.stats.malformed, 1);
+    assert_eq!(heads(&out)[0].target, "/ok");
+}
+
+#[test]
+fn conflicting_content_lengths_are_malformed() {
+    let (_, s) = run(
+        MessageKind::Request,
+        "",
+        &[b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc"],
+    );
+    assert_eq!(s.stats.malformed, 1);
+}
+
+#[test]
+fn oversized_head_is_counted() {
+    let mut s = Stream::new(Some(MessageKind::Request));
+    let mut out = Vec::new();
+    let mut call = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
+    call.extend(std::iter::repeat_n(b'a', framing::MAX_HEAD));
+    feed(&mut s, 1, call.len() as u64, &call, "", &mut out);
+    assert_eq!(s.stats.oversized, 1);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn truncated_head_is_counted() {
+    let mut s = Stream::new(Some(MessageKind::Request));
+    let mut out = Vec::new();
+    feed(
+        &mut s,
+        1,
+        9000,
+        b"GET / HTTP/1.1\r\nX-Pad: aaaa",
+        "",
+        &mut out,
+    );
+    assert_eq!(s.stats.truncated, 1);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn head_of_64_kib_with_traceparent_at_its_end() {
+    let mut call = b"GET /big-head HTTP/1.1\r\nHost: h\r\n".to_vec();
+    for i in 0..66 {
+        call.extend(format!("X-Pad-{i}: {}\r\n", "p".repeat(1010)).as_bytes());
+    }
+    call.extend(b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n");
+    assert!(call.len() > 64 * 1024);
+    let (out, _) = run(MessageKind::Request, "", &[&call]);
+    let ctx = context::extract(heads(&out)[0]).unwrap().unwrap();
+    assert_eq!(
+        ctx.span_id,
+        [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31]
+    );
+}
+
+#[test]
+fn message_start_classification() {
+    use framing::{Start, message_start};
+    assert_eq!(
+        message_start(b"GET / HTTP/1.1", None),
+        Start::Yes(MessageKind::Request)
+    );
+    assert_eq!(
+        message_start(b"HTTP/1.1 200", None),
+        Start::Yes(MessageKind::Response)
+    );
+    assert_eq!(message_start(b"HTT", None), Start::Maybe);
+    assert_eq!(
+        message_start(b"GE", Some(MessageKind::Request)),
+        Start::Maybe
+    );
+    assert_eq!(message_start(b"get / HTTP/1.1", None), Start::No);
+    assert_eq!(
+        message_start(b"HTTP/1.1 200", Some(MessageKind::Request)),
+        Start::No
+    );
+    assert_eq!(message_start(b"\x00\x01", None), Start::No);
+}
+
+fn head_with(headers: &[(&'static str, &str)]) -> Head {
+    Head {
+        kind: Some(MessageKind::Request),
+        method: "GET".into(),
+        target: "/".into(),
+        version: 1,
+        headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        ..Head::default()
+    }
+}
+
+#[test]
+fn traceparent_valid_cases() {
+    let ok = context::parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .unwrap();
+    assert!(ok.sampled);
+    assert_eq!(ok.trace_id[0], 0x0a);
+    let not_sampled =
+        context::parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
+            .unwrap();
+    assert!(!not_sampled.sampled);
+    // The random flag (bit 1) is kept; unknown bits are not passed on.
+    let random =
+        context::parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff")
+            .unwrap();
+    assert_eq!(random.flags, 0x03);
+    // A future version may append fields after a dash.
+    assert!(
+        context::parse_traceparent(
+            "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-the-future"
+        )
+        .is_some()
+    );
+}
+
+#[test]
+fn traceparent_invalid_cases() {
+    for bad in [
+        "",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0",
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01x",
+        "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "0g-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c8031zz-b7ad6b7169203331-01",
+    ] {
+        assert!(context::parse_traceparent(bad).is_none(), "{bad:?}");
+    }
+}
+
+#[test]
+fn invalid_traceparent_is_an_error_and_two_are_ignored() {
+    let h = head_with(&[("traceparent", "00-xyz")]);
+    assert_eq!(context::extract(&h), Err(context::Invalid::Traceparent));
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let h = head_with(&[("traceparent", tp), ("traceparent", tp)]);
+    assert!(context::extract(&h).is_err());
+}
+
+#[test]
+fn tracestate_is_kept_when_valid() {
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let h = head_with(&[
+        ("traceparent", tp),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ]);
+    let c = context::extract(&h).unwrap().unwrap();
+    assert_eq!(
+        c.trace_state.as_deref(),
+        Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
+    );
+    let h = head_with(&[("traceparent", tp), ("tracestate", "BAD KEY=1")]);
+    assert_eq!(context::extract(&h).unwrap().unwrap().trace_state, None);
+}
+
+#[test]
+fn b3_single_variants() {
+    let c = context::parse_b3_single(
+        "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+    )
+    .unwrap();
+    assert!(c.sampled);
+    assert_eq!(c.format, Format::B3Single);
+    let c = context::parse_b3_single("64fe8b2a57d3eff7-e457b5a2e4d86bd1-0").unwrap();
+    assert!(!c.sampled);
+    assert_eq!(&c.trace_id[..8], &[0; 8], "64-bit ids are left-padded");
+    assert!(
+        context::parse_b3_single("64fe8b2a57d3eff7-e457b5a2e4d86bd1-d")
+            .unwrap()
+            .sampled
+    );
+    assert!(context::parse_b3_single("64fe8b2a57d3eff7-e457b5a2e4d86bd1-x").is_none());
+    assert!(context::parse_b3_single("64fe8b2a57d3eff7").is_none());
+    // A lone sampling decision carries no context.
+    assert_eq!(context::extract(&head_with(&[("b3", "0")])), Ok(None));
+}
+
+#[test]
+fn b3_multi_variants() {
+    let h = head_with(&[
+        ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+        ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ("x-b3-sampled", "1"),
+    ]);
+    let c = context::extract(&h).unwrap().unwrap();
+    assert_eq!(c.format, Format::B3Multi);
+    assert!(c.sampled);
+    let h = head_with(&[
+        ("x-b3-traceid", "48485a3953bb6124"),
+        ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ("x-b3-sampled", "0"),
+    ]);
+    let c = context::extract(&h).unwrap().unwrap();
+    assert!(!c.sampled);
+    let h = head_with(&[("x-b3-traceid", "48485a3953bb6124")]);
+    assert_eq!(context::extract(&h), Err(context::Invalid::B3));
+}
+
+fn exchange<'a>(side: Side, req: &'a Head, outcome: Outcome) -> Exchange<'a> {
+    Exchange {
+        side,
+        request: req,
+        response_status: match outcome {
+            Outcome::Response(c) => Some(c),
+            _ => None,
+        },
+        outcome,
+        local: "127.0.0.1:8080".parse().unwrap(),
+        remote: "127.0.0.1:50000".parse().unwrap(),
+        request_body: 0,
+        response_body: 12,
+    }
+}
+
+fn attr<'a>(a: &'a attributes::Attributes, k: &str) -> Option<&'a Value> {
+    a.iter().find(|(n, _)| *n == k).map(|(_, v)| v)
+}
+
+#[test]
+fn server_span_attributes_and_redacted_query() {
+    let mut req = head_with(&[("host", "shop.local:8080"), ("user-agent", "curl/8")]);
+    req.target = "/users/42?token=abc&x=1".into();
+    let ex = exchange(Side::Server, &req, Outcome::Response(200));
+    let a = attributes::attributes(&ex);
+    let s = |v: &str| Some(Value::Str(v.into()));
+    assert_eq!(attr(&a, "http.request.method").cloned(), s("GET"));
+    assert_eq!(attr(&a, "url.path").cloned(), s("/users/42"));
+    assert_eq!(
+        attr(&a, "url.query").cloned(),
+        s("token=REDACTED&x=REDACTED")
+    );
+    assert_eq!(attr(&a, "server.address").cloned(), s("shop.local"));
+    assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(8080)));
+    assert_eq!(attr(&a, "client.port").cloned(), Some(Value::Int(50000)));
+    assert_eq!(attr(&a, "user_agent.original").cloned(), s("curl/8"));
+    assert_eq!(
+        attr(&a, "http.response.status_code").cloned(),
+        Some(Value::Int(200))
+    );
+    assert_eq!(attributes::error(&ex), None);
+    // The name is the method, never the path.
+    assert_eq!(attributes::span_name(&req.method, None), "GET");
+    assert_eq!(attributes::span_name("FOO", None), "HTTP");
+}
+
+#[test]
+fn status_rules() {
+    let req = head_with(&[]);
+    let e = |side, o| attributes::error(&exchange(side, &req, o)).is_some();
+    assert!(e(Side::Server, Outcome::Response(500)));
+    assert!(!e(Side::Server, Outcome::Response(404)));
+    assert!(e(Side::Client, Outcome::Response(404)));
+    assert!(!e(Side::Client, Outcome::Response(302)));
+    assert!(e(Side::Server, Outcome::CutOff));
+    let a = attributes::attributes(&exchange(Side::Client, &req, Outcome::CutOff));
+    assert_eq!(
+        attr(&a, "error.type").cloned(),
+        Some(Value::Str("connection_closed".into()))
+    );
+}
+
+#[test]
+fn client_span_full_url() {
+    let mut req = head_with(&[("host", "[::1]:9000")]);
+    req.target = "/p?q=secret".into();
+    let a = attributes::attributes(&exchange(Side::Client, &req, Outcome::Response(200)));
+    assert_eq!(
+        attr(&a, "url.full").cloned(),
+        Some(Value::Str("http://[::1]:9000/p?q=REDACTED".into()))
+    );
+    assert_eq!(
+        attr(&a, "server.address").cloned(),
+        Some(Value::Str("::1".into()))
+    );
+}
+
+#[test]
+fn unknown_method_is_other() {
+    let mut req = head_with(&[]);
+    req.method = "PURGE".into();
+    let a = attributes::attributes(&exchange(Side::Server, &req, Outcome::Response(200)));
+    assert_eq!(
+        attr(&a, "http.request.method").cloned(),
+        Some(Value::Str("_OTHER".into()))
+    );
+    let _ = Body::None;
+}

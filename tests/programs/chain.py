@@ -1,0 +1,61 @@
+"""A Python service for wirespan's span tests: a thread-per-request HTTP/1.1 server that,
+given --next, calls the next service (a new connection per call) before it answers.
+
+/fail answers 500 without calling on. Headers are not forwarded unless --forward is given.
+"""
+import argparse
+import http.client
+import http.server
+import socketserver
+import urllib.parse
+
+ARGS = None
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path.startswith("/fail"):
+            self.answer(500, b"failed\n")
+            return
+        body = b"python\n"
+        if ARGS.next:
+            u = urllib.parse.urlparse(ARGS.next)
+            headers = {}
+            if ARGS.forward and self.headers.get("traceparent"):
+                headers["traceparent"] = self.headers["traceparent"]
+            c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            c.request("GET", (u.path or "/") + "?from=python", headers=headers)
+            r = c.getresponse()
+            body += r.read()
+            c.close()
+        self.answer(200, body)
+
+    def answer(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--next")
+    p.add_argument("--forward", action="store_true")
+    ARGS = p.parse_args()
+    Server(("127.0.0.1", ARGS.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
