@@ -441,3 +441,63 @@ fn http_protobuf_export() {
     let summary = log.iter().find(|l| l.contains("spans:")).unwrap();
     assert!(summary.contains(" 0 failed to export"), "{summary}");
 }
+
+/// GETs `path` from the embedded UI and parses the JSON answer.
+fn ui_get(ui: &str, path: &str) -> serde_json::Value {
+    let (_, body) = curl(&[&format!("http://{ui}{path}")]).unwrap();
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body:?}"))
+}
+
+#[test]
+fn embedded_jaeger_ui_shows_the_three_service_trace() {
+    require_privileges!();
+    let c = chain();
+    let ui = format!("127.0.0.1:{}", free_port());
+    // No endpoint configured anywhere: the embedded store and UI are the default.
+    let agent = SpanAgent::start(&["--ui-address", &ui]).unwrap();
+    curl(&[&format!("http://127.0.0.1:{}/checkout", c.ports[0])]).unwrap();
+    // Spans reach the store after a batch delay; the UI answers while the agent runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let traces = loop {
+        let t = ui_get(&ui, "/api/traces?service=curl&limit=20");
+        let found: Vec<serde_json::Value> = t["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["spans"].as_array().is_some_and(|s| s.len() == 6))
+            .cloned()
+            .collect();
+        if !found.is_empty() || std::time::Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(traces.len(), 1, "{traces:#?}");
+    let trace = &traces[0];
+    let services: HashSet<String> = trace["processes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p["serviceName"].as_str().unwrap().to_string())
+        .collect();
+    for s in ["curl", "gateway", "orders", "go"] {
+        assert!(services.contains(s), "{services:?}");
+    }
+    // The trace page's own API call answers the same trace.
+    let id = trace["traceID"].as_str().unwrap();
+    let one = ui_get(&ui, &format!("/api/traces/{id}"));
+    assert_eq!(one["data"][0]["spans"].as_array().unwrap().len(), 6);
+    let services = ui_get(&ui, "/api/services");
+    assert!(
+        services["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "curl"),
+        "{services}"
+    );
+    // The UI itself is served.
+    let (_, page) = curl(&[&format!("http://{ui}/trace/{id}")]).unwrap();
+    assert!(String::from_utf8_lossy(&page).contains("<html"));
+    agent.stop().unwrap();
+}

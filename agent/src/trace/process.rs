@@ -187,6 +187,10 @@ impl ProcessInfo {
     pub fn resource(&self, host_name: &str) -> Vec<(String, Value)> {
         let mut r: Vec<(String, Value)> = vec![
             ("service.name".into(), Value::Str(self.service_name.clone())),
+            (
+                "service.instance.id".into(),
+                Value::Str(format!("{host_name}:{}", self.pid)),
+            ),
             ("process.pid".into(), Value::Int(self.pid as i64)),
             (
                 "process.executable.name".into(),
