@@ -23,6 +23,8 @@ fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Close => "close",
         EventKind::Data(Direction::Ingress) => "ingress",
         EventKind::Data(Direction::Egress) => "egress",
+        EventKind::DataMore(Direction::Ingress) => "ingress-more",
+        EventKind::DataMore(Direction::Egress) => "egress-more",
     }
 }
 
@@ -51,6 +53,8 @@ pub fn text_line(out: &mut Vec<u8>, ev: &SocketEvent<'_>, clock: &WallClock, sho
     let arrow = match ev.kind {
         EventKind::Data(Direction::Ingress) => "<-",
         EventKind::Data(Direction::Egress) => "->",
+        EventKind::DataMore(Direction::Ingress) => "<+",
+        EventKind::DataMore(Direction::Egress) => "+>",
         _ => "<>",
     };
     let _ = write!(
@@ -71,8 +75,11 @@ pub fn text_line(out: &mut Vec<u8>, ev: &SocketEvent<'_>, clock: &WallClock, sho
         kind_name(ev.kind),
         ev.syscall_name(),
     );
-    if let EventKind::Data(_) = ev.kind {
+    if let EventKind::Data(_) | EventKind::DataMore(_) = ev.kind {
         let _ = write!(out, " len={}", h.len);
+        if h.offset > 0 {
+            let _ = write!(out, " offset={}", h.offset);
+        }
         if ev.truncated() {
             let _ = write!(out, " captured={}", ev.payload.len());
         }

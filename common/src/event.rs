@@ -12,6 +12,9 @@ pub mod kind {
     pub const DATA: u32 = 3;
     /// The process closed its descriptor for the socket.
     pub const CLOSE: u32 = 4;
+    /// More bytes of the previous `DATA` record's call (a large request head), at
+    /// `EventHeader::offset` within the call.
+    pub const DATA_MORE: u32 = 5;
 }
 
 /// Direction of a `kind::DATA` event, seen from the traced process.
@@ -94,8 +97,10 @@ pub struct EventHeader {
     pub local_port: u16,
     /// Host byte order.
     pub remote_port: u16,
-    pub _pad0: u16,
-    pub _pad1: u32,
+    /// `DATA` only: how many `DATA_MORE` records with later bytes of this call follow.
+    pub more: u16,
+    /// Offset of this record's payload within the call (non-zero for `DATA_MORE`).
+    pub offset: u32,
     /// IPv4 in the first 4 bytes, or IPv6 (network byte order).
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
@@ -121,8 +126,8 @@ impl EventHeader {
             family: 0,
             local_port: 0,
             remote_port: 0,
-            _pad0: 0,
-            _pad1: 0,
+            more: 0,
+            offset: 0,
             local_addr: [0; 16],
             remote_addr: [0; 16],
             comm: [0; 16],

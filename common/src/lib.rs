@@ -15,6 +15,12 @@ pub use layout::*;
 /// The kernel builds events in a per-CPU slot of twice this size plus the header, and per-CPU
 /// values are limited to 32 KiB.
 pub const MAX_CAPTURE: usize = 8 * 1024;
+/// A plain-buffer call that begins like an HTTP request and is longer than the per-call prefix
+/// is followed by `DATA_MORE` records of `MAX_CAPTURE` bytes each, up to this many bytes of the
+/// call in all, so that large request heads (and the trace headers at their end) are seen whole.
+pub const MAX_HEAD_CAPTURE: u32 = 96 * 1024;
+/// Most `DATA_MORE` records after one call.
+pub const MAX_MORE: u32 = MAX_HEAD_CAPTURE / MAX_CAPTURE as u32;
 /// Default per-call prefix copied from socket buffers.
 pub const DEFAULT_CAPTURE: u32 = 4096;
 /// Most iovec entries read from one readv/writev/recvmsg/sendmsg call; later entries keep

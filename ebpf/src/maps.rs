@@ -71,3 +71,8 @@ pub fn count_lost(index: u32) {
         unsafe { *counter += 1 };
     }
 }
+
+/// Sockets in the middle of a large request head: key `struct sock *` + direction, value the
+/// bytes of the head still to capture in full (see `MAX_HEAD_CAPTURE`).
+#[map(name = "HEADS")]
+pub static HEADS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);

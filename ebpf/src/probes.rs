@@ -12,11 +12,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use wirespan_common::{
-    EventHeader, Inflight, KernelLayout, MAX_CAPTURE, direction, kind, lost, pid_filter, syscall,
+    EventHeader, Inflight, KernelLayout, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, direction, kind,
+    lost, pid_filter, syscall,
 };
 
 use crate::{
-    maps::{EVENTS, INFLIGHT, PID_FILTER, SCRATCH, count_lost, inflight_sock, layout, settings},
+    maps::{
+        EVENTS, HEADS, INFLIGHT, PID_FILTER, SCRATCH, count_lost, inflight_sock, layout, settings,
+    },
     payload,
     sock::{TcpSock, fill_endpoints, tcp_socket},
 };
@@ -168,8 +171,20 @@ fn emit(
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     fill_endpoints(layout, sock, header);
 
+    // A socket in the middle of a large request head gets its calls captured whole.
+    let head_key = sock.sk as u64 + dir as u64;
+    let budget: u64 = if event_kind == kind::DATA {
+        // SAFETY: the value is copied out at once.
+        unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64
+    } else {
+        0
+    };
     let limit = {
-        let want = settings().capture_bytes as u64;
+        let want = if budget > 0 {
+            MAX_CAPTURE as u64
+        } else {
+            settings().capture_bytes as u64
+        };
         if want < len { want } else { len }
     };
     let data = buf.data.as_mut_ptr();
@@ -189,12 +204,86 @@ fn emit(
         captured as usize
     };
     buf.header.captured = captured as u32;
+    // A plain buffer that starts like a request and is longer than the prefix: send the rest
+    // of its head in DATA_MORE records (see MAX_HEAD_CAPTURE).
+    let mut more: u64 = 0;
+    let mut total: u64 = 0;
+    if event_kind == kind::DATA {
+        let budget = if captured >= 8 && starts_like_request(&buf.data) {
+            MAX_HEAD_CAPTURE as u64
+        } else {
+            budget
+        };
+        total = if len < budget { len } else { budget };
+        if let Payload::Buf(_) = payload
+            && total > captured as u64
+        {
+            more = (total - captured as u64).div_ceil(MAX_CAPTURE as u64);
+        }
+        // Later calls on this socket continue the head while the budget lasts, unless this
+        // call was short (a whole small head).
+        let left = budget - total;
+        if left > 0 && len >= settings().capture_bytes as u64 {
+            let _ = HEADS.insert(head_key, left as u32, 0);
+        } else if budget > 0 {
+            let _ = HEADS.remove(head_key);
+        }
+    }
+    buf.header.more = more as u16;
+    buf.header.offset = 0;
     let size = size_of::<EventHeader>() + captured;
     // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
     if EVENTS.output::<[u8]>(bytes, 0).is_err() {
         count_lost(lost::RINGBUF_FULL);
+        return;
     }
+    let Payload::Buf(src) = payload else {
+        return;
+    };
+    for k in 0..MAX_MORE as u64 {
+        if k >= more {
+            break;
+        }
+        let offset = captured as u64 + k * MAX_CAPTURE as u64;
+        if offset >= total {
+            break;
+        }
+        let n = total - offset;
+        let Some(n) = payload::copy_buf(buf.data.as_mut_ptr(), src + offset, n) else {
+            count_lost(lost::READ_FAILED);
+            return;
+        };
+        let n = if n as usize > MAX_CAPTURE {
+            MAX_CAPTURE
+        } else {
+            n as usize
+        };
+        buf.header.kind = kind::DATA_MORE;
+        buf.header.more = 0;
+        buf.header.offset = offset as u32;
+        buf.header.captured = n as u32;
+        let size = size_of::<EventHeader>() + n;
+        // SAFETY: as above.
+        let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
+        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+            count_lost(lost::RINGBUF_FULL);
+            return;
+        }
+    }
+}
+
+/// Whether a call's first bytes are an HTTP method and a space.
+#[inline(always)]
+fn starts_like_request(data: &[u8]) -> bool {
+    if data.len() < 8 {
+        return false;
+    }
+    let w = [data[0], data[1], data[2], data[3]];
+    matches!(
+        &w,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI"
+    )
 }
 
 /// Exit of a data syscall: report `ret` bytes, with a prefix, in `dir`.

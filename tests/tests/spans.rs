@@ -501,3 +501,30 @@ fn embedded_jaeger_ui_shows_the_three_service_trace() {
     assert!(String::from_utf8_lossy(&page).contains("<html"));
     agent.stop().unwrap();
 }
+
+#[test]
+fn traceparent_at_the_end_of_a_64_kib_header_block() {
+    require_privileges!();
+    let port = free_port();
+    let _py = chain_python("bighead", port, None).unwrap();
+    let receiver = Receiver::start().unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
+    let pad = "p".repeat(1010);
+    let headers: Vec<String> = (0..66).map(|i| format!("X-Pad-{i}: {pad}")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for h in &headers {
+        args.extend(["-H", h]);
+    }
+    let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    args.extend(["-H", tp, "-o", "/dev/null"]);
+    let url = format!("http://127.0.0.1:{port}/bighead");
+    args.push(&url);
+    curl(&args).unwrap();
+    agent.stop().unwrap();
+    let spans = receive(&receiver, 1);
+    let s = of(&spans, "bighead", "SERVER");
+    assert_eq!(s.len(), 1, "{spans:#?}");
+    assert_eq!(s[0].trace_id, "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(s[0].parent, "b7ad6b7169203331");
+    assert_eq!(s[0].link(), "header");
+}

@@ -28,6 +28,8 @@ pub enum EventKind {
     Accept,
     Connect,
     Data(Direction),
+    /// More bytes of the previous `Data` event's call (`header.offset` within it).
+    DataMore(Direction),
     Close,
 }
 
@@ -79,9 +81,15 @@ impl<'a> SocketEvent<'a> {
                 direction::EGRESS => EventKind::Data(Direction::Egress),
                 _ => return Err(DecodeError::Kind(header.kind)),
             },
+            kind::DATA_MORE => match header.direction {
+                direction::INGRESS => EventKind::DataMore(Direction::Ingress),
+                direction::EGRESS => EventKind::DataMore(Direction::Egress),
+                _ => return Err(DecodeError::Kind(header.kind)),
+            },
             other => return Err(DecodeError::Kind(other)),
         };
-        if u64::from(header.captured) > header.len && matches!(kind, EventKind::Data(_)) {
+        let end = u64::from(header.offset) + u64::from(header.captured);
+        if end > header.len && matches!(kind, EventKind::Data(_) | EventKind::DataMore(_)) {
             return Err(DecodeError::CapturedExceedsLen {
                 captured: header.captured,
                 len: header.len,

@@ -111,6 +111,9 @@ pub struct Stats {
     pub own_connections: u64,
     pub connections_dropped: u64,
     pub pending_dropped: u64,
+    /// `DataMore` records that did not continue the call they follow (their first record was
+    /// lost): the call is used with the bytes that did arrive.
+    pub orphan_continuations: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -196,6 +199,14 @@ struct Proc {
     last_seen: Instant,
 }
 
+/// A call whose later bytes are still arriving in `DataMore` records.
+struct Assembling {
+    event: SocketEvent<'static>,
+    bytes: Vec<u8>,
+    left: u16,
+    since: Instant,
+}
+
 /// A finished exchange whose parent may still appear.
 struct Deferred {
     since: Instant,
@@ -214,6 +225,7 @@ pub struct Stitcher {
     procs: HashMap<u32, Proc>,
     own: OwnSockets,
     deferred: VecDeque<Deferred>,
+    assembling: HashMap<u64, Assembling>,
     rng: fastrand::Rng,
     last_prune: Instant,
     pub stats: Stats,
@@ -235,6 +247,7 @@ impl Stitcher {
             procs: HashMap::new(),
             own: OwnSockets::new(),
             deferred: VecDeque::new(),
+            assembling: HashMap::new(),
             rng: fastrand::Rng::new(),
             last_prune: Instant::now(),
             stats: Stats::default(),
@@ -285,6 +298,61 @@ impl Stitcher {
     /// Handles one socket event; finished spans are appended to `out`.
     pub fn event(&mut self, ev: &SocketEvent<'_>, out: &mut Vec<Span>) {
         self.stats.events += 1;
+        let id = ev.header.conn_id;
+        // A call sent in several records (a large request head) is put back together first.
+        if let EventKind::DataMore(_) = ev.kind {
+            let fits = self.assembling.get(&id).is_some_and(|a| {
+                a.event.header.tid == ev.header.tid
+                    && a.bytes.len() as u64 == u64::from(ev.header.offset)
+            });
+            if !fits {
+                self.stats.orphan_continuations += 1;
+                self.flush_assembling(id, out);
+                return;
+            }
+            if let Some(a) = self.assembling.get_mut(&id) {
+                a.bytes.extend_from_slice(ev.payload);
+                a.left = a.left.saturating_sub(1);
+                if a.left > 0 {
+                    return;
+                }
+            }
+            self.flush_assembling(id, out);
+            return;
+        }
+        self.flush_assembling(id, out);
+        if let EventKind::Data(_) = ev.kind
+            && ev.header.more > 0
+        {
+            self.assembling.insert(
+                id,
+                Assembling {
+                    event: SocketEvent {
+                        header: ev.header,
+                        kind: ev.kind,
+                        payload: &[],
+                    },
+                    bytes: ev.payload.to_vec(),
+                    left: ev.header.more,
+                    since: Instant::now(),
+                },
+            );
+            return;
+        }
+        self.event_whole(ev, out);
+    }
+
+    /// Processes a call being assembled with what has arrived of it.
+    fn flush_assembling(&mut self, id: u64, out: &mut Vec<Span>) {
+        if let Some(a) = self.assembling.remove(&id) {
+            let mut ev = a.event;
+            ev.header.captured = a.bytes.len() as u32;
+            ev.payload = &a.bytes;
+            self.event_whole(&ev, out);
+        }
+    }
+
+    fn event_whole(&mut self, ev: &SocketEvent<'_>, out: &mut Vec<Span>) {
         let h = &ev.header;
         let id = h.conn_id;
         match ev.kind {
@@ -319,6 +387,7 @@ impl Stitcher {
                     self.close_conn(conn, h.ts_ns, out);
                 }
             }
+            EventKind::DataMore(_) => {}
         }
     }
 
@@ -852,6 +921,15 @@ impl Stitcher {
     /// old state. Call regularly.
     pub fn tick(&mut self, out: &mut Vec<Span>) {
         let now = Instant::now();
+        let stale: Vec<u64> = self
+            .assembling
+            .iter()
+            .filter(|(_, a)| now.duration_since(a.since) > Duration::from_millis(100))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.flush_assembling(id, out);
+        }
         while self
             .deferred
             .front()
@@ -902,6 +980,10 @@ impl Stitcher {
 
     /// Ends everything in progress (at shutdown): deferred spans go out as they are.
     pub fn flush(&mut self, out: &mut Vec<Span>) {
+        let ids: Vec<u64> = self.assembling.keys().copied().collect();
+        for id in ids {
+            self.flush_assembling(id, out);
+        }
         while let Some(d) = self.deferred.pop_front() {
             self.emit(d.id, d.span, out);
         }
