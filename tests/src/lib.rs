@@ -601,3 +601,44 @@ pub fn java_server(name: &str, port: u16) -> anyhow::Result<Proc> {
             .arg(port.to_string()),
     )
 }
+
+/// The Python virtualenv with the OpenTelemetry SDK that `cargo xtask setup` makes.
+pub fn test_venv() -> PathBuf {
+    std::env::var_os("WIRESPAN_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv"))
+}
+
+/// tests/programs/sdk_service.py under `opentelemetry-instrument`, exporting its own spans over
+/// OTLP/HTTP to `otlp` and calling `next` (if any) for each request.
+pub fn sdk_python(name: &str, port: u16, next: Option<&str>, otlp: &str) -> anyhow::Result<Proc> {
+    let venv = test_venv();
+    let instrument = venv.join("bin/opentelemetry-instrument");
+    if !instrument.exists() {
+        bail!(
+            "{} is missing: run `cargo xtask setup` (it installs the OpenTelemetry SDK there)",
+            instrument.display()
+        );
+    }
+    let mut cmd = Command::new(instrument);
+    cmd.args([
+        "--traces_exporter",
+        "otlp",
+        "--metrics_exporter",
+        "none",
+        "--logs_exporter",
+        "none",
+    ])
+    .arg(venv.join("bin/python"))
+    .arg(program("sdk_service.py"))
+    .arg(port.to_string())
+    .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+    .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(n) = next {
+        cmd.env("NEXT", n);
+    }
+    service(name, port, &mut cmd)
+}

@@ -528,3 +528,88 @@ fn traceparent_at_the_end_of_a_64_kib_header_block() {
     assert_eq!(s[0].parent, "b7ad6b7169203331");
     assert_eq!(s[0].link(), "header");
 }
+
+#[test]
+fn sdk_instrumented_service_next_to_plain_ones_makes_one_trace() {
+    require_privileges!();
+    let receiver = Receiver::start().unwrap();
+    let otlp = format!("http://{}", receiver.http);
+    let ports = [free_port(), free_port(), free_port()];
+    let _c = chain_python("inventory", ports[2], None).unwrap();
+    let _b = chain_python(
+        "orders",
+        ports[1],
+        Some(&format!("http://127.0.0.1:{}/stock", ports[2])),
+    )
+    .unwrap();
+    let _a = wirespan_tests::sdk_python(
+        "storefront",
+        ports[0],
+        Some(&format!("http://127.0.0.1:{}/orders", ports[1])),
+        &otlp,
+    )
+    .unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "10f067aa0ba902b7";
+    curl(&[
+        "-H",
+        &format!("traceparent: 00-{trace}-{parent}-01"),
+        &format!("http://127.0.0.1:{}/buy", ports[0]),
+    ])
+    .unwrap();
+    // The SDK exports on its own schedule (100 ms here).
+    receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter().filter(|s| s.service() == "storefront").count() >= 2
+    });
+    agent.stop().unwrap();
+    let spans = receive(&receiver, 5);
+    let services = ["storefront", "orders", "inventory"];
+    let ours: Vec<&Span> = spans
+        .iter()
+        .filter(|s| services.contains(&s.service()))
+        .collect();
+    // storefront: the SDK's SERVER and CLIENT, and nothing from wirespan (no duplicates);
+    // orders: SERVER and CLIENT from wirespan; inventory: SERVER from wirespan.
+    let count = |svc: &str, kind: &str, by_wirespan: bool| {
+        ours.iter()
+            .filter(|s| {
+                s.service() == svc
+                    && s.kind == kind
+                    && (s.resource.get("telemetry.sdk.name").map(|n| n.as_str())
+                        == Some("wirespan"))
+                        == by_wirespan
+            })
+            .count()
+    };
+    assert_eq!(count("storefront", "SERVER", false), 1, "{ours:#?}");
+    assert_eq!(count("storefront", "CLIENT", false), 1, "{ours:#?}");
+    assert_eq!(count("storefront", "SERVER", true), 0, "{ours:#?}");
+    assert_eq!(count("storefront", "CLIENT", true), 0, "{ours:#?}");
+    assert_eq!(count("orders", "SERVER", true), 1, "{ours:#?}");
+    assert_eq!(count("orders", "CLIENT", true), 1, "{ours:#?}");
+    assert_eq!(count("inventory", "SERVER", true), 1, "{ours:#?}");
+    assert_eq!(ours.len(), 5, "{ours:#?}");
+    // One trace, and every parent is in it (or is the caller's span from the header).
+    assert!(ours.iter().all(|s| s.trace_id == trace), "{ours:#?}");
+    let ids: HashSet<&str> = ours.iter().map(|s| s.span_id.as_str()).collect();
+    for s in &ours {
+        assert!(
+            s.parent == parent || ids.contains(s.parent.as_str()),
+            "orphan: {s:#?}"
+        );
+    }
+    let sdk_client = ours
+        .iter()
+        .find(|s| s.service() == "storefront" && s.kind == "CLIENT")
+        .unwrap();
+    let orders_server = of(&spans, "orders", "SERVER")[0];
+    assert_eq!(orders_server.parent, sdk_client.span_id);
+    assert_eq!(orders_server.link(), "header");
+    // The SDK's own export requests are never spans.
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.attr("url.path") != Some("/v1/traces"))
+    );
+}

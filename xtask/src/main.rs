@@ -138,6 +138,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--release"])
         .env("WIRESPAN_BIN", &bin)
+        .env("WIRESPAN_TEST_VENV", setup::venv())
         // Unit tests do not load the kernel object.
         .env("AYA_BUILD_SKIP", "0");
     if let Some(f) = filter {

@@ -18,7 +18,43 @@ pub fn all() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_venv()?;
     tracefs();
+    Ok(())
+}
+
+/// PyPI packages of the OpenTelemetry-instrumented test services, pinned.
+const PYTHON_PACKAGES: &[&str] = &[
+    "flask==3.1.3",
+    "requests==2.34.2",
+    "opentelemetry-distro==0.66b1",
+    "opentelemetry-exporter-otlp-proto-http==1.45.1",
+    "opentelemetry-instrumentation-flask==0.66b1",
+    "opentelemetry-instrumentation-requests==0.66b1",
+];
+
+/// Where the tests' Python environment lives.
+pub fn venv() -> PathBuf {
+    crate::root().join("target/test-venv")
+}
+
+/// A virtualenv with an OpenTelemetry SDK for the tests that put SDK-instrumented services
+/// next to plain ones. Skipped when it already has everything.
+fn python_venv() -> anyhow::Result<()> {
+    let dir = venv();
+    let stamp = dir.join("wirespan-packages.txt");
+    let want = PYTHON_PACKAGES.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(());
+    }
+    eprintln!("xtask: creating {} with {PYTHON_PACKAGES:?}", dir.display());
+    crate::run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    crate::run(
+        Command::new(dir.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(PYTHON_PACKAGES),
+    )?;
+    std::fs::write(&stamp, want)?;
     Ok(())
 }
 

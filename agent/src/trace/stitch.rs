@@ -114,6 +114,14 @@ pub struct Stats {
     /// `DataMore` records that did not continue the call they follow (their first record was
     /// lost): the call is used with the bytes that did arrive.
     pub orphan_continuations: u64,
+    /// OTLP export requests seen (never made into spans).
+    pub telemetry_requests: u64,
+}
+
+/// An OTLP/HTTP export request (`POST /v1/traces`, `/v1/metrics`, `/v1/logs`).
+fn is_telemetry_export(head: &Head) -> bool {
+    let (path, _) = attributes::split_target(&head.target);
+    head.method == "POST" && matches!(path, "/v1/traces" | "/v1/metrics" | "/v1/logs")
 }
 
 #[derive(Clone, Debug)]
@@ -520,7 +528,15 @@ impl Stitcher {
                     }
                 };
                 let mut peer_key = None;
-                let (parent, suppressed) = match side {
+                if is_telemetry_export(&head) {
+                    // OTLP export is telemetry plumbing, not the application's work: no span
+                    // at either end, and a client that exports is instrumented already.
+                    self.stats.telemetry_requests += 1;
+                    if side == Side::Client {
+                        self.proc(pid, ev.comm()).instrumented = true;
+                    }
+                }
+                let (parent, mut suppressed) = match side {
                     Side::Server => {
                         if let Some(h) = &header {
                             let p = self.proc(pid, ev.comm());
@@ -554,6 +570,7 @@ impl Stitcher {
                         self.client_parent(pid, tid, ev.comm(), header)
                     }
                 };
+                suppressed |= is_telemetry_export(&head);
                 if let Some(k) = peer_key {
                     self.clients.insert(k, id);
                 }
