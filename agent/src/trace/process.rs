@@ -320,3 +320,114 @@ pub fn parse_proc_net_line(line: &str) -> Option<(SocketAddr, u64)> {
     };
     Some((SocketAddr::new(ip, port), inode))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn service_name_rules_in_order() {
+        assert_eq!(
+            service_name(
+                &env(&[
+                    ("OTEL_SERVICE_NAME", "checkout"),
+                    ("OTEL_RESOURCE_ATTRIBUTES", "service.name=other")
+                ]),
+                "python3"
+            ),
+            "checkout"
+        );
+        assert_eq!(
+            service_name(
+                &env(&[(
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    "deployment.environment=prod,service.name=pay%20ments"
+                )]),
+                "java"
+            ),
+            "pay ments"
+        );
+        assert_eq!(
+            service_name(&env(&[("OTEL_SERVICE_NAME", " ")]), "node"),
+            "node"
+        );
+    }
+
+    #[test]
+    fn command_line_secrets_are_redacted() {
+        let args: Vec<String> = [
+            "app",
+            "--password",
+            "hunter2",
+            "--db-token=abc",
+            "API_KEY=x",
+            "--port",
+            "80",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            redact_command_line(&args),
+            "app --password REDACTED --db-token=REDACTED API_KEY=REDACTED --port 80"
+        );
+    }
+
+    #[test]
+    fn proc_net_tcp_lines() {
+        let v4 = "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            parse_proc_net_line(v4),
+            Some(("127.0.0.1:8080".parse().unwrap(), 12345))
+        );
+        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            parse_proc_net_line(v6),
+            Some(("[::1]:8080".parse().unwrap(), 777))
+        );
+    }
+
+    #[test]
+    fn this_test_binary_is_not_go_and_own_sockets_are_found() {
+        assert!(!is_go_binary(Path::new("/proc/self/exe")));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut own = OwnSockets::new();
+        assert!(own.is_own(listener.local_addr().unwrap()));
+        assert!(!own.is_own("127.0.0.1:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn resource_names_wirespan_as_the_sdk() {
+        let info = ProcessInfo {
+            pid: 7,
+            service_name: "svc".into(),
+            executable_name: "svc".into(),
+            executable_path: "/bin/svc".into(),
+            command_line: "svc".into(),
+            extra: vec![("deployment.environment".into(), "prod".into())],
+            go: false,
+        };
+        let r = info.resource("node1");
+        let get = |k: &str| r.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(
+            get("telemetry.sdk.name"),
+            Some(Value::Str("wirespan".into()))
+        );
+        assert_eq!(get("process.pid"), Some(Value::Int(7)));
+        assert_eq!(
+            get("service.instance.id"),
+            Some(Value::Str("node1:7".into()))
+        );
+        assert_eq!(
+            get("deployment.environment"),
+            Some(Value::Str("prod".into()))
+        );
+    }
+}

@@ -1006,3 +1006,233 @@ impl Stitcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wirespan_common::{EventHeader, family, kind};
+
+    /// Builds events of one connection between two endpoints on 127.0.0.1.
+    struct Wire {
+        ts: u64,
+    }
+
+    impl Wire {
+        fn ev(
+            &mut self,
+            pid: u32,
+            tid: u32,
+            conn: u64,
+            local: u16,
+            remote: u16,
+            k: EventKind,
+            payload: &'static [u8],
+        ) -> SocketEvent<'static> {
+            self.ts += 1000;
+            let mut h = EventHeader::zeroed();
+            h.ts_ns = self.ts;
+            h.conn_id = conn;
+            h.pid = pid;
+            h.tid = tid;
+            h.family = family::INET;
+            h.local_port = local;
+            h.remote_port = remote;
+            h.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+            h.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+            h.len = payload.len() as u64;
+            h.captured = payload.len() as u32;
+            h.kind = match k {
+                EventKind::Accept => kind::ACCEPT,
+                EventKind::Connect => kind::CONNECT,
+                EventKind::Close => kind::CLOSE,
+                _ => kind::DATA,
+            };
+            SocketEvent {
+                header: h,
+                kind: k,
+                payload,
+            }
+        }
+    }
+
+    const IN: EventKind = EventKind::Data(Direction::Ingress);
+    const OUT: EventKind = EventKind::Data(Direction::Egress);
+    const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    fn stitcher() -> Stitcher {
+        // A /proc without our test pids: processes are named by comm, none is Go.
+        Stitcher::with_proc_root(
+            WallClock::from_pair(0, 0),
+            PathBuf::from("/nonexistent-proc"),
+        )
+    }
+
+    fn run(events: &[SocketEvent<'static>]) -> Vec<Span> {
+        let mut s = stitcher();
+        let mut out = Vec::new();
+        for e in events {
+            s.event(e, &mut out);
+        }
+        s.flush(&mut out);
+        out
+    }
+
+    fn find(spans: &[Span], pid: u32, side: Side) -> Vec<&Span> {
+        spans
+            .iter()
+            .filter(|s| s.process.pid == pid && s.side == side)
+            .collect()
+    }
+
+    /// Client pid 1 -> server pid 2 (thread 20), which calls pid 3 from thread `call_tid`
+    /// while serving. `overlap` makes thread 20 read a second request first.
+    fn nested(call_tid: u32, overlap: bool) -> Vec<Span> {
+        let mut w = Wire { ts: 0 };
+        let mut ev = vec![
+            w.ev(1, 10, 100, 5000, 80, EventKind::Connect, b""),
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(1, 10, 100, 5000, 80, OUT, REQ),
+            w.ev(2, 20, 200, 80, 5000, IN, REQ),
+        ];
+        if overlap {
+            ev.push(w.ev(2, 20, 201, 80, 5001, EventKind::Accept, b""));
+            ev.push(w.ev(2, 20, 201, 80, 5001, IN, REQ));
+        }
+        ev.extend([
+            w.ev(2, call_tid, 300, 6000, 90, EventKind::Connect, b""),
+            w.ev(3, 30, 400, 90, 6000, EventKind::Accept, b""),
+            w.ev(2, call_tid, 300, 6000, 90, OUT, REQ),
+            w.ev(3, 30, 400, 90, 6000, IN, REQ),
+            w.ev(3, 30, 400, 90, 6000, OUT, RESP),
+            w.ev(2, call_tid, 300, 6000, 90, IN, RESP),
+            w.ev(2, 20, 200, 80, 5000, OUT, RESP),
+            w.ev(1, 10, 100, 5000, 80, IN, RESP),
+        ]);
+        run(&ev)
+    }
+
+    #[test]
+    fn connection_and_thread_links_make_one_trace() {
+        let spans = nested(20, false);
+        assert_eq!(spans.len(), 4);
+        let root = find(&spans, 1, Side::Client)[0];
+        let server = find(&spans, 2, Side::Server)[0];
+        let call = find(&spans, 2, Side::Client)[0];
+        let leaf = find(&spans, 3, Side::Server)[0];
+        assert_eq!(root.parent_span_id, None);
+        assert_eq!(server.parent_span_id, Some(root.span_id));
+        assert_eq!(server.link, Some(Link::Connection));
+        assert_eq!(call.parent_span_id, Some(server.span_id));
+        assert_eq!(call.link, Some(Link::Thread));
+        assert_eq!(leaf.parent_span_id, Some(call.span_id));
+        assert!(spans.iter().all(|s| s.trace_id == root.trace_id));
+    }
+
+    #[test]
+    fn a_call_from_another_thread_is_not_linked_by_thread() {
+        let spans = nested(21, false);
+        let call = find(&spans, 2, Side::Client)[0];
+        assert_eq!(call.parent_span_id, None);
+        assert_ne!(call.trace_id, find(&spans, 1, Side::Client)[0].trace_id);
+    }
+
+    #[test]
+    fn a_thread_serving_overlapping_requests_makes_no_thread_links() {
+        let spans = nested(20, true);
+        let call = find(&spans, 2, Side::Client)[0];
+        assert_eq!(call.parent_span_id, None, "event loop must not be guessed");
+        // The leaf still joins the call's trace by its connection.
+        let leaf = find(&spans, 3, Side::Server)[0];
+        assert_eq!(leaf.parent_span_id, Some(call.span_id));
+    }
+
+    #[test]
+    fn connection_seen_midway_is_not_linked_by_position() {
+        let mut w = Wire { ts: 0 };
+        // No accept/connect: both ends joined an existing connection.
+        let spans = run(&[
+            w.ev(1, 10, 100, 5000, 80, OUT, REQ),
+            w.ev(2, 20, 200, 80, 5000, IN, REQ),
+            w.ev(2, 20, 200, 80, 5000, OUT, RESP),
+            w.ev(1, 10, 100, 5000, 80, IN, RESP),
+        ]);
+        assert_eq!(spans.len(), 2);
+        assert!(spans.iter().all(|s| s.parent_span_id.is_none()));
+    }
+
+    #[test]
+    fn close_before_the_response_is_an_error_span() {
+        let mut w = Wire { ts: 0 };
+        let spans = run(&[
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(2, 20, 200, 80, 5000, IN, REQ),
+            w.ev(2, 20, 200, 80, 5000, EventKind::Close, b""),
+        ]);
+        assert_eq!(spans.len(), 1);
+        assert!(spans[0].error.is_some());
+    }
+
+    #[test]
+    fn non_http_connection_makes_no_spans_and_is_counted() {
+        let mut w = Wire { ts: 0 };
+        let mut s = stitcher();
+        let mut out = Vec::new();
+        for e in [
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(
+                2,
+                20,
+                200,
+                80,
+                5000,
+                IN,
+                b"\x16\x03\x01\x00\xa5\x01\x00\x00",
+            ),
+            w.ev(2, 20, 200, 80, 5000, OUT, b"\x16\x03\x03\x00\x5d\x02"),
+        ] {
+            s.event(&e, &mut out);
+        }
+        assert!(out.is_empty());
+        assert_eq!(s.stats.http.skipped_calls, 2);
+    }
+
+    #[test]
+    fn forwarded_header_keeps_client_spans_under_the_server_span() {
+        let mut w = Wire { ts: 0 };
+        const IN_TP: &[u8] = b"GET / HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+        // pid 2 serves on thread 20 and forwards the header from thread 21 (not a thread link).
+        let spans = run(&[
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(2, 20, 200, 80, 5000, IN, IN_TP),
+            w.ev(2, 21, 300, 6000, 90, EventKind::Connect, b""),
+            w.ev(2, 21, 300, 6000, 90, OUT, IN_TP),
+            w.ev(2, 21, 300, 6000, 90, IN, RESP),
+            w.ev(2, 20, 200, 80, 5000, OUT, RESP),
+        ]);
+        let server = find(&spans, 2, Side::Server)[0];
+        let call = find(&spans, 2, Side::Client)[0];
+        assert_eq!(
+            server.parent_span_id,
+            Some([0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31])
+        );
+        assert_eq!(call.parent_span_id, Some(server.span_id));
+        assert_eq!(call.link, Some(Link::Header));
+        assert_eq!(call.trace_id, server.trace_id);
+    }
+
+    #[test]
+    fn foreign_header_marks_the_process_instrumented() {
+        let mut w = Wire { ts: 0 };
+        const OWN: &[u8] = b"GET / HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-1111111111111111-01\r\n\r\n";
+        let spans = run(&[
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(2, 20, 200, 80, 5000, IN, REQ),
+            w.ev(2, 20, 300, 6000, 90, EventKind::Connect, b""),
+            w.ev(2, 20, 300, 6000, 90, OUT, OWN),
+            w.ev(2, 20, 300, 6000, 90, IN, RESP),
+            w.ev(2, 20, 200, 80, 5000, OUT, RESP),
+        ]);
+        assert!(spans.is_empty(), "{spans:#?}");
+    }
+}
