@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | screenshot`.
 //!
 //! `run` and `test` set up what is missing first, so that on a fresh Debian 12 machine (root)
 //! each is the only command needed.
 
+mod screenshot;
 mod setup;
 
 use std::{
@@ -38,6 +39,13 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings for the host crates and the kernel crate.
     Lint,
+    /// Run a Python -> Node.js -> Go chain under the agent and save a headless-Chromium
+    /// screenshot of its trace in the embedded Jaeger UI (installs Debian's chromium).
+    Screenshot {
+        /// The PNG to write (default target/trace.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +74,13 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup::all()?;
             lint()
+        }
+        Task::Screenshot { out } => {
+            setup::all()?;
+            build()?;
+            let root = root();
+            let out = out.unwrap_or_else(|| screenshot::default_out(&root));
+            screenshot::run(&root, &out)
         }
     }
 }
