@@ -142,11 +142,11 @@ pub fn run(root: &Path, out: &Path) -> anyhow::Result<()> {
     let trace_id = loop {
         let body = curl(&format!("http://{ui}/api/traces?service=curl&limit=5"))?;
         // The first traceID of a trace with the whole chain in it.
-        if body.contains("\"inventory\"") {
-            if let Some(i) = body.find("\"traceID\":\"") {
-                let rest = &body[i + 11..];
-                break rest[..rest.find('"').unwrap_or(0)].to_string();
-            }
+        if body.contains("\"inventory\"")
+            && let Some(i) = body.find("\"traceID\":\"")
+        {
+            let rest = &body[i + 11..];
+            break rest[..rest.find('"').unwrap_or(0)].to_string();
         }
         if Instant::now() > deadline {
             bail!("no three-service trace in the UI after 15 s: {body}");

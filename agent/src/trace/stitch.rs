@@ -1018,6 +1018,7 @@ mod tests {
     }
 
     impl Wire {
+        #[allow(clippy::too_many_arguments)]
         fn ev(
             &mut self,
             pid: u32,
