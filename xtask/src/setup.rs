@@ -193,6 +193,23 @@ fn tracefs() {
     }
 }
 
+/// Debian's Chromium, for `cargo xtask screenshot` only.
+pub fn chromium() -> anyhow::Result<()> {
+    if Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    crate::run(Command::new("apt-get").arg("update").arg("-q"))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,21 +229,4 @@ mod tests {
         );
         assert_eq!(llvm_dylib_name("libLLVM-21-rust-x.so", 22), None);
     }
-}
-
-/// Debian's Chromium, for `cargo xtask screenshot` only.
-pub fn chromium() -> anyhow::Result<()> {
-    if Command::new("chromium")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return Ok(());
-    }
-    crate::run(Command::new("apt-get").arg("update").arg("-q"))?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "chromium"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
