@@ -53,7 +53,7 @@ fn hex_exact<const N: usize>(s: &str) -> Option<[u8; N]> {
 /// version-00 fields and may carry more after a dash. All-zero ids are invalid.
 pub fn parse_traceparent(value: &str) -> Option<Remote> {
     let value = value.trim_matches([' ', '\t']);
-    if value.len() < 55 {
+    if value.len() < 55 || !value.is_ascii() {
         return None;
     }
     let version = hex_exact::<1>(value.get(0..2)?)?[0];

@@ -397,6 +397,9 @@ fn traceparent_invalid_cases() {
         "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "0g-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         "00-0af7651916cd43dd8448eb211c8031zz-b7ad6b7169203331-01",
+        // Non-ASCII where ids belong: rejected, never a panic on a char boundary.
+        "00-é0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033é-01x",
     ] {
         assert!(context::parse_traceparent(bad).is_none(), "{bad:?}");
     }
@@ -559,4 +562,56 @@ fn unknown_method_is_other() {
         Some(Value::Str("_OTHER".into()))
     );
     let _ = Body::None;
+}
+
+#[test]
+fn random_input_never_panics_and_messages_stay_ordered() {
+    const PIECES: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\n",
+        b"HTTP/1.1 200 OK\r\n",
+        b"Content-Length: 5\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n",
+        b"\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"ffffffffffffffff\r\n",
+        b"\xff\xfe\x00garbage",
+        b"hello",
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+    ];
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..3000 {
+        let kind = if rng.bool() {
+            MessageKind::Request
+        } else {
+            MessageKind::Response
+        };
+        let mut s = if rng.bool() {
+            Stream::new(Some(kind))
+        } else {
+            Stream::joined_midway(None)
+        };
+        let mut out = Vec::new();
+        for ts in 0..rng.usize(1..12) {
+            let mut call = Vec::new();
+            for _ in 0..rng.usize(1..5) {
+                call.extend_from_slice(PIECES[rng.usize(..PIECES.len())]);
+            }
+            let captured = rng.usize(0..=call.len());
+            let len = call.len() as u64 + rng.u64(0..3) * 1000;
+            feed(&mut s, ts as u64, len, &call[..captured], "GET", &mut out);
+        }
+        s.close(99, &mut out);
+        // Every end follows a head (or closes a message whose head was seen).
+        let mut open = 0i64;
+        for o in &out {
+            match o {
+                Output::Head { .. } => open += 1,
+                Output::End { .. } => {
+                    open -= 1;
+                    assert!(open >= 0, "{out:?}");
+                }
+            }
+        }
+    }
 }

@@ -1236,4 +1236,51 @@ mod tests {
         ]);
         assert!(spans.is_empty(), "{spans:#?}");
     }
+
+    #[test]
+    fn random_event_sequences_never_panic() {
+        const PAYLOADS: &[&[u8]] = &[
+            REQ,
+            RESP,
+            b"GET / HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+            b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"POST /v1/traces HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            b"\x00\x01garbage",
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut w = Wire { ts: 0 };
+        let mut s = stitcher();
+        let mut out = Vec::new();
+        for _ in 0..20_000 {
+            let conn = rng.u64(1..6);
+            let (pid, tid) = (rng.u32(1..4), rng.u32(1..6));
+            let (local, remote) = if rng.bool() { (80, 5000) } else { (5000, 80) };
+            let k = match rng.u8(0..8) {
+                0 => EventKind::Accept,
+                1 => EventKind::Connect,
+                2 => EventKind::Close,
+                3 | 4 => IN,
+                _ => OUT,
+            };
+            let e = w.ev(
+                pid,
+                tid,
+                conn,
+                local,
+                remote,
+                k,
+                PAYLOADS[rng.usize(..PAYLOADS.len())],
+            );
+            s.event(&e, &mut out);
+            if rng.u8(0..50) == 0 {
+                s.tick(&mut out);
+            }
+        }
+        s.flush(&mut out);
+        assert!(!out.is_empty());
+        for span in &out {
+            assert_ne!(span.trace_id, [0; 16]);
+            assert_ne!(span.parent_span_id, Some(span.span_id));
+        }
+    }
 }
