@@ -425,3 +425,110 @@ pub fn span_data(s: Span) -> SpanData {
             .build(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn batching_defaults_and_overrides() {
+        let d = Batching::from_env(env(&[])).unwrap();
+        assert_eq!(
+            (d.max_queue, d.max_batch, d.delay, d.export_timeout),
+            (2048, 512, Duration::from_secs(5), Duration::from_secs(30))
+        );
+        let b = Batching::from_env(env(&[
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "500"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "250"),
+        ]))
+        .unwrap();
+        // A batch is never larger than the queue.
+        assert_eq!((b.max_queue, b.max_batch), (100, 100));
+        assert_eq!(b.delay, Duration::from_millis(250));
+        assert!(Batching::from_env(env(&[("OTEL_BSP_MAX_QUEUE_SIZE", "lots")])).is_err());
+    }
+
+    #[test]
+    fn protocol_from_environment() {
+        assert_eq!(OtlpProtocol::from_env(env(&[])).unwrap(), None);
+        assert_eq!(
+            OtlpProtocol::from_env(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])).unwrap(),
+            Some(OtlpProtocol::Grpc)
+        );
+        // The signal-specific variable wins.
+        assert_eq!(
+            OtlpProtocol::from_env(env(&[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ]))
+            .unwrap(),
+            Some(OtlpProtocol::HttpProtobuf)
+        );
+        assert!(
+            OtlpProtocol::from_env(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])).is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_and_counts() {
+        let exporter = Exporter::start(
+            Target::Otlp(OtlpConfig {
+                protocol: OtlpProtocol::HttpProtobuf,
+                // Nothing listens here; exports fail and are counted, never block the sender.
+                endpoint: Some("http://127.0.0.1:9".into()),
+                timeout: Some(Duration::from_millis(200)),
+            }),
+            Batching {
+                max_queue: 4,
+                max_batch: 4,
+                delay: Duration::from_secs(60),
+                export_timeout: Duration::from_secs(1),
+            },
+        )
+        .await
+        .unwrap();
+        let info = Arc::new(ProcessInfo {
+            pid: 1,
+            service_name: "s".into(),
+            executable_name: "s".into(),
+            executable_path: String::new(),
+            command_line: String::new(),
+            extra: Vec::new(),
+            go: false,
+        });
+        for i in 0..10u8 {
+            exporter.send(Span {
+                trace_id: [1; 16],
+                span_id: [i + 1; 8],
+                parent_span_id: None,
+                parent_remote: false,
+                link: None,
+                side: Side::Server,
+                name: "GET".into(),
+                start_unix_ns: 1,
+                end_unix_ns: 2,
+                attributes: Vec::new(),
+                error: None,
+                flags: 1,
+                trace_state: None,
+                process: info.clone(),
+            });
+        }
+        let stats = exporter.stats.clone();
+        // The export task cannot run while this single-threaded test sends: 4 fit, 6 do not.
+        assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 6);
+        exporter.shutdown(Duration::from_secs(5)).await;
+        let sent = 10 - stats.dropped_queue_full.load(Ordering::Relaxed);
+        assert_eq!(stats.failed.load(Ordering::Relaxed), sent);
+    }
+}

@@ -64,8 +64,8 @@ struct RunArgs {
     /// else http/protobuf.
     #[arg(long, value_enum, value_name = "PROTOCOL")]
     otlp_protocol: Option<OtlpProtocol>,
-    /// Timeout of one export in milliseconds. Default: OTEL_EXPORTER_OTLP_TIMEOUT, else
-    /// OTEL_BSP_EXPORT_TIMEOUT.
+    /// Timeout of one export request in milliseconds. Default: OTEL_EXPORTER_OTLP_TIMEOUT, else
+    /// 10 s. Each batch as a whole is also bounded by OTEL_BSP_EXPORT_TIMEOUT (30 s).
     #[arg(long, value_name = "MS")]
     otlp_timeout_ms: Option<u64>,
     /// Address of the embedded Jaeger UI (used when no OTLP endpoint is configured).

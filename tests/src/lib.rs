@@ -486,9 +486,15 @@ impl SpanAgent {
     /// Starts `wirespan run --log-spans` with `args`, batching every 100 ms, and returns once
     /// its probes are attached.
     pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(args, &[])
+    }
+
+    /// As `start`, with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(wirespan_bin());
         cmd.env("RUST_LOG", "info")
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .envs(env.iter().copied())
             .args(["run", "--log-spans"])
             .args(args)
             .stdout(Stdio::piped())

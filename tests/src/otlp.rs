@@ -73,7 +73,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 #[derive(Clone, Default)]
-struct Store(Arc<Mutex<Vec<Span>>>);
+struct Store(Arc<Mutex<Vec<Span>>>, Arc<Mutex<Vec<String>>>);
 
 impl Store {
     fn add(&self, req: ExportTraceServiceRequest) {
@@ -116,6 +116,12 @@ impl TraceService for Store {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if let Some(v) = request.metadata().get("x-wirespan-test") {
+            self.1
+                .lock()
+                .unwrap()
+                .push(v.to_str().unwrap_or("").to_string());
+        }
         self.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -188,6 +194,11 @@ impl Receiver {
             store,
             runtime: Some(runtime),
         })
+    }
+
+    /// Values of the `x-wirespan-test` header on gRPC exports.
+    pub fn test_headers(&self) -> Vec<String> {
+        self.store.1.lock().unwrap().clone()
     }
 
     pub fn spans(&self) -> Vec<Span> {

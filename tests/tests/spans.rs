@@ -613,3 +613,28 @@ fn sdk_instrumented_service_next_to_plain_ones_makes_one_trace() {
             .all(|s| s.attr("url.path") != Some("/v1/traces"))
     );
 }
+
+#[test]
+fn otel_environment_variables_configure_the_export() {
+    require_privileges!();
+    let port = free_port();
+    let _py = chain_python("envconf", port, None).unwrap();
+    let receiver = Receiver::start().unwrap();
+    let endpoint = format!("http://{}", receiver.grpc);
+    let agent = SpanAgent::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-wirespan-test=from%20env"),
+        ],
+    )
+    .unwrap();
+    curl(&[&format!("http://127.0.0.1:{port}/env")]).unwrap();
+    agent.stop().unwrap();
+    let spans = receive(&receiver, 2);
+    assert_eq!(of(&spans, "envconf", "SERVER").len(), 1, "{spans:#?}");
+    let headers = receiver.test_headers();
+    assert!(!headers.is_empty());
+    assert!(headers.iter().all(|h| h == "from env"), "{headers:?}");
+}

@@ -985,7 +985,13 @@ impl Stitcher {
             }
         }
         for id in closed {
-            self.conns.remove(&id);
+            // Requests that waited this long for a response are given up (counted).
+            if let Some(c) = self.conns.remove(&id) {
+                for p in c.pending {
+                    self.nodes.remove(&p.id);
+                    self.stats.pending_dropped += 1;
+                }
+            }
         }
         let live: std::collections::HashSet<u32> = self.conns.values().map(|c| c.pid).collect();
         self.procs.retain(|pid, p| {
