@@ -182,6 +182,52 @@ pub fn hex(s: &str) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
+/// Spawns wirespan with piped output and returns once it says it is ready: the process, a
+/// thread collecting its stdout lines (echoed to the test log when `echo_stdout`), and its
+/// stderr lines as they come.
+#[allow(clippy::type_complexity)]
+fn spawn_ready(
+    cmd: &mut Command,
+    echo_stdout: bool,
+) -> anyhow::Result<(Proc, JoinHandle<Vec<String>>, mpsc::Receiver<String>)> {
+    let mut proc = Proc::spawn("wirespan", cmd)?;
+    let stdout = proc.child.stdout.take().expect("piped");
+    let stdout = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .inspect(|l| {
+                if echo_stdout {
+                    eprintln!("[wirespan] {l}")
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let stderr = proc.child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[wirespan] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("wirespan: ready") => break,
+            Ok(line) if line.starts_with("wirespan: cannot") || line.starts_with("Error") => {
+                bail!("{line}")
+            }
+            Ok(_) => {}
+            Err(_) => bail!("wirespan did not become ready within 30 s"),
+        }
+    }
+    Ok((proc, stdout, rx))
+}
+
 /// A running `wirespan capture --format json`.
 pub struct Agent {
     proc: Proc,
@@ -204,34 +250,7 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
-        let mut proc = Proc::spawn("wirespan", &mut cmd)?;
-        let stdout = proc.child.stdout.take().expect("piped");
-        let stdout = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-        });
-        let stderr = proc.child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[wirespan] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("wirespan: ready") => break,
-                Ok(line) if line.starts_with("wirespan: cannot") => bail!("{line}"),
-                Ok(_) => {}
-                Err(_) => bail!("wirespan did not become ready within 30 s"),
-            }
-        }
+        let (proc, stdout, rx) = spawn_ready(&mut cmd, false)?;
         Ok(Self {
             proc,
             stdout: Some(stdout),
@@ -500,37 +519,7 @@ impl SpanAgent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
-        let mut proc = Proc::spawn("wirespan", &mut cmd)?;
-        let stdout = proc.child.stdout.take().expect("piped");
-        let stdout = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .inspect(|l| eprintln!("[wirespan] {l}"))
-                .collect::<Vec<_>>()
-        });
-        let stderr = proc.child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[wirespan] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("wirespan: ready") => break,
-                Ok(line) if line.starts_with("wirespan: cannot") || line.contains("Error") => {
-                    bail!("{line}")
-                }
-                Ok(_) => {}
-                Err(_) => bail!("wirespan did not become ready within 30 s"),
-            }
-        }
+        let (proc, stdout, rx) = spawn_ready(&mut cmd, true)?;
         Ok(Self {
             proc,
             stdout: Some(stdout),

@@ -708,16 +708,11 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
         }
         match chunk {
             Chunk::Size(line) => {
-                let Some(nl) = bytes[pos..].iter().position(|b| *b == b'\n') else {
-                    line.extend_from_slice(&bytes[pos..]);
-                    pos = bytes.len();
-                    if line.len() > MAX_LINE {
-                        return ChunkStep::Lost { data };
-                    }
-                    continue;
-                };
-                line.extend_from_slice(&bytes[pos..pos + nl]);
-                pos += nl + 1;
+                match take_line(line, bytes, &mut pos) {
+                    Line::Done => {}
+                    Line::More => continue,
+                    Line::TooLong => return ChunkStep::Lost { data },
+                }
                 let Some(size) = chunk_size(line) else {
                     return ChunkStep::Lost { data };
                 };
@@ -749,16 +744,11 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
                 }
             }
             Chunk::Trailer(line) => {
-                let Some(nl) = bytes[pos..].iter().position(|b| *b == b'\n') else {
-                    line.extend_from_slice(&bytes[pos..]);
-                    pos = bytes.len();
-                    if line.len() > MAX_LINE {
-                        return ChunkStep::Lost { data };
-                    }
-                    continue;
-                };
-                line.extend_from_slice(&bytes[pos..pos + nl]);
-                pos += nl + 1;
+                match take_line(line, bytes, &mut pos) {
+                    Line::Done => {}
+                    Line::More => continue,
+                    Line::TooLong => return ChunkStep::Lost { data },
+                }
                 let empty = line.is_empty() || line.as_slice() == b"\r";
                 line.clear();
                 if empty {
@@ -770,6 +760,32 @@ fn step_chunked(chunk: &mut Chunk, bytes: &[u8], gap: &mut u64) -> ChunkStep {
                 }
             }
         }
+    }
+}
+
+enum Line {
+    /// `line` holds a whole line (without its LF).
+    Done,
+    /// The line continues in the next call.
+    More,
+    TooLong,
+}
+
+/// Appends bytes from `bytes[*pos..]` to `line` up to the next LF, which is consumed.
+fn take_line(line: &mut Vec<u8>, bytes: &[u8], pos: &mut usize) -> Line {
+    let rest = &bytes[*pos..];
+    let (part, done) = match rest.iter().position(|b| *b == b'\n') {
+        Some(nl) => (&rest[..nl], true),
+        None => (rest, false),
+    };
+    line.extend_from_slice(part);
+    *pos += part.len() + done as usize;
+    if line.len() > MAX_LINE {
+        Line::TooLong
+    } else if done {
+        Line::Done
+    } else {
+        Line::More
     }
 }
 
