@@ -48,7 +48,8 @@ pub type SpanId = [u8; 8];
 /// How long a server span without its client waits for the client's write to be reported.
 pub const PEER_WAIT: Duration = Duration::from_millis(30);
 /// Finished spans are remembered this long, for children and far ends that finish later.
-const KEEP_FINISHED: Duration = Duration::from_secs(60);
+/// (Late children: a call a handler makes after it answered.) Bounds memory at high rates.
+const KEEP_FINISHED: Duration = Duration::from_secs(10);
 /// Connections without an event for this long are forgotten.
 const IDLE_CONNECTION: Duration = Duration::from_secs(600);
 /// Requests waiting for responses on one connection (pipelining depth).
@@ -202,8 +203,9 @@ struct Proc {
     instrumented: bool,
     /// Answered a request from another thread than the one that read it.
     cross_thread: bool,
-    /// Contexts received by its server spans: (trace, span) -> our server span.
-    received: HashMap<(TraceId, SpanId), (SpanId, Instant)>,
+    /// Contexts received by its server spans still being served: (trace, span) -> our server
+    /// span.
+    received: HashMap<(TraceId, SpanId), SpanId>,
     last_seen: Instant,
 }
 
@@ -540,8 +542,7 @@ impl Stitcher {
                     Side::Server => {
                         if let Some(h) = &header {
                             let p = self.proc(pid, ev.comm());
-                            p.received
-                                .insert((h.trace_id, h.span_id), (id, Instant::now()));
+                            p.received.insert((h.trace_id, h.span_id), id);
                         }
                         let parent = if conn.from_start {
                             Parent::Peer {
@@ -617,7 +618,7 @@ impl Stitcher {
             .is_some_and(|h| self.nodes.contains_key(&h.span_id));
         let proc = self.proc(pid, comm);
         if let Some(h) = header {
-            if let Some((server, _)) = proc.received.get(&(h.trace_id, h.span_id)) {
+            if let Some(server) = proc.received.get(&(h.trace_id, h.span_id)) {
                 // The process forwards the context it received.
                 return (Parent::Span(*server, Link::Header), false);
             }
@@ -994,9 +995,11 @@ impl Stitcher {
             }
         }
         let live: std::collections::HashSet<u32> = self.conns.values().map(|c| c.pid).collect();
+        let nodes = &self.nodes;
         self.procs.retain(|pid, p| {
+            // A received context matters while its server span is being served.
             p.received
-                .retain(|_, (_, t)| now.duration_since(*t) < KEEP_FINISHED);
+                .retain(|_, (span, _)| nodes.get(span).is_some_and(|n| n.finished.is_none()));
             live.contains(pid) || now.duration_since(p.last_seen) < IDLE_CONNECTION
         });
     }
