@@ -999,7 +999,7 @@ impl Stitcher {
         self.procs.retain(|pid, p| {
             // A received context matters while its server span is being served.
             p.received
-                .retain(|_, (span, _)| nodes.get(span).is_some_and(|n| n.finished.is_none()));
+                .retain(|_, span| nodes.get(span).is_some_and(|n| n.finished.is_none()));
             live.contains(pid) || now.duration_since(p.last_seen) < IDLE_CONNECTION
         });
     }
