@@ -49,6 +49,9 @@ struct SelectArgs {
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     ring_mib: u32,
+    /// Benchmark floor: attach every tracepoint with programs that return at once.
+    #[arg(long, hide = true)]
+    inert: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -80,6 +83,9 @@ struct RunArgs {
     /// Print one line per span on standard output.
     #[arg(long)]
     log_spans: bool,
+    /// Every this many seconds, print one line of counters and table sizes on stderr.
+    #[arg(long, value_name = "SECS")]
+    stats_every: Option<u64>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -118,6 +124,7 @@ fn start_capture(args: &SelectArgs) -> anyhow::Result<Capture> {
         pids: args.pids.clone(),
         exclude_pids: args.exclude_pids.clone(),
         ring_bytes: args.ring_mib * 1024 * 1024,
+        inert: args.inert,
     };
     let capture = match Capture::start(&config) {
         Ok(c) => c,
@@ -193,6 +200,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         log_spans: args.log_spans,
         out: std::io::BufWriter::new(std::io::stdout()),
         line: String::new(),
+        stats_every: args.stats_every.map(Duration::from_secs),
+        last_stats: std::time::Instant::now(),
     };
     let lost = capture.run(&mut tracer, shutdown_signal()).await?;
     tracer.stitcher.flush(&mut tracer.spans);
@@ -233,6 +242,8 @@ struct Tracer<W: Write> {
     log_spans: bool,
     out: W,
     line: String,
+    stats_every: Option<Duration>,
+    last_stats: std::time::Instant,
 }
 
 impl<W: Write> Tracer<W> {
@@ -262,10 +273,28 @@ impl<W: Write> EventSink for Tracer<W> {
         }
     }
 
-    fn idle(&mut self, _lost: &Lost) {
+    fn idle(&mut self, lost: &Lost) {
         self.stitcher.tick(&mut self.spans);
         self.hand_out();
         let _ = self.out.flush();
+        if let Some(every) = self.stats_every
+            && self.last_stats.elapsed() >= every
+        {
+            self.last_stats = std::time::Instant::now();
+            let s = &self.stitcher.stats;
+            let [conns, procs, spans, clients, threads, deferred] = self.stitcher.table_sizes();
+            let e = &self.exporter.stats;
+            eprintln!(
+                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred}",
+                s.events,
+                s.spans,
+                e.exported.load(Ordering::Relaxed),
+                e.dropped_queue_full.load(Ordering::Relaxed),
+                e.failed.load(Ordering::Relaxed),
+                lost.ringbuf_full,
+                lost.inflight_full,
+            );
+        }
     }
 }
 

@@ -106,6 +106,9 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
 /// Takes this thread's in-flight record if it belongs to syscall `id`.
 #[inline(always)]
 fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
+    if layout().valid == 0 {
+        return None;
+    }
     // SAFETY: the value is copied out before the entry is removed.
     let found = unsafe { INFLIGHT.get(pid_tgid) }.copied()?;
     let _ = INFLIGHT.remove(pid_tgid);

@@ -73,10 +73,27 @@ fn hex(b: &[u8]) -> String {
 }
 
 #[derive(Clone, Default)]
-struct Store(Arc<Mutex<Vec<Span>>>, Arc<Mutex<Vec<String>>>);
+struct Store(
+    Arc<Mutex<Vec<Span>>>,
+    Arc<Mutex<Vec<String>>>,
+    /// Spans received; with `count_only` nothing else is kept (for benchmarks).
+    Arc<std::sync::atomic::AtomicU64>,
+    bool,
+);
 
 impl Store {
     fn add(&self, req: ExportTraceServiceRequest) {
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.2
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.3 {
+            return;
+        }
         let mut spans = self.0.lock().unwrap();
         for rs in req.resource_spans {
             let resource = rs
@@ -139,11 +156,28 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// A receiver that only counts spans (for load tests: memory stays flat).
+    pub fn start_counting() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    /// Spans received so far.
+    pub fn count(&self) -> u64 {
+        self.store.2.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn start_with(count_only: bool) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let store = Store::default();
+        let store = Store {
+            3: count_only,
+            ..Store::default()
+        };
         let (grpc, http) = runtime.block_on(async {
             let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint | screenshot`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | bench | screenshot`.
 //!
 //! `run` and `test` set up what is missing first, so that on a fresh Debian 12 machine (root)
 //! each is the only command needed.
 
+mod bench;
 mod screenshot;
 mod setup;
 
@@ -39,6 +40,9 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings for the host crates and the kernel crate.
     Lint,
+    /// Measure what wirespan costs traced applications (nginx at saturation, a realistic
+    /// service at a fixed rate, eBPF time, agent CPU and memory); `--soak SECS` for a long run.
+    Bench(bench::BenchArgs),
     /// Run a Python -> Node.js -> Go chain under the agent and save a headless-Chromium
     /// screenshot of its trace in the embedded Jaeger UI (installs Debian's chromium).
     Screenshot {
@@ -74,6 +78,11 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup::all()?;
             lint()
+        }
+        Task::Bench(args) => {
+            setup::all()?;
+            build()?;
+            bench::run(&root(), &args)
         }
         Task::Screenshot { out } => {
             setup::all()?;

@@ -58,6 +58,9 @@ pub struct CaptureConfig {
     pub exclude_pids: Vec<u32>,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// Attach the programs but leave them inert (they return at once): the cost of the
+    /// tracepoints alone, the benchmark's floor.
+    pub inert: bool,
 }
 
 impl Default for CaptureConfig {
@@ -67,6 +70,7 @@ impl Default for CaptureConfig {
             pids: Vec::new(),
             exclude_pids: Vec::new(),
             ring_bytes: 16 * 1024 * 1024,
+            inert: false,
         }
     }
 }
@@ -120,7 +124,10 @@ impl Capture {
         }
         let tracefs = layout::tracefs()?;
         let btf = KernelBtf::open(Path::new(KernelBtf::DEFAULT_PATH))?;
-        let kernel_layout = layout::derive(&tracefs, &btf)?;
+        let mut kernel_layout = layout::derive(&tracefs, &btf)?;
+        if config.inert {
+            kernel_layout.valid = 0;
+        }
         let settings = Settings {
             capture_bytes: config.capture_bytes,
             filter_mode: if config.pids.is_empty() {

@@ -274,6 +274,19 @@ impl Stitcher {
         self.procs.len()
     }
 
+    /// Sizes of the internal tables: connections, processes, spans remembered, client spans by
+    /// connection, threads, spans waiting for their peer.
+    pub fn table_sizes(&self) -> [usize; 6] {
+        [
+            self.conns.len(),
+            self.procs.len(),
+            self.nodes.len(),
+            self.clients.len(),
+            self.threads.len(),
+            self.deferred.len(),
+        ]
+    }
+
     fn span_id(&mut self) -> SpanId {
         loop {
             let id = self.rng.u64(..).to_be_bytes();

@@ -1,0 +1,828 @@
+//! `cargo xtask bench`: what wirespan costs the applications it traces, measured side by side
+//! in one run, in alternating rounds, medians reported as ratios to the baseline of the same run.
+//!
+//! 1. nginx (one worker) driven by wrk at saturation: no agent, the floor (every tracepoint
+//!    attached with programs that return at once, `wirespan run --inert`), and wirespan exporting
+//!    to a real OTLP receiver (`otlp-sink`, a tonic server that counts spans).
+//! 2. A realistic service: Flask doing WORK_MS of CPU work and one downstream call to a Go
+//!    server, at a fixed request rate from an open-loop generator: plain, plain under wirespan,
+//!    and instrumented by the OpenTelemetry Python SDK (exporting to the same receiver).
+//! 3. eBPF time per request from the kernel's own accounting (`kernel.bpf_stats_enabled`),
+//!    agent CPU per span and RSS from /proc, losses and span counts from the agent.
+//! 4. `--soak SECS`: wirespan on nginx at saturation for that long, sampled every 10 s.
+//!
+//! Everything started here is stopped by its PID; traffic stays on loopback.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Rounds of each scenario (modes alternate within a round).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Requests per second for the realistic service.
+    #[arg(long, default_value_t = 40)]
+    rate: u32,
+    /// Seconds per realistic-service run.
+    #[arg(long, default_value_t = 20)]
+    service_seconds: u64,
+    /// Milliseconds of CPU work per request in the realistic service.
+    #[arg(long, default_value_t = 3)]
+    work_ms: u32,
+    /// Instead of the comparison: run wirespan on nginx at saturation for this many seconds,
+    /// sampling its memory, descriptors and tables every 10 s.
+    #[arg(long, value_name = "SECS")]
+    soak: Option<u64>,
+    /// Where the JSON results go (default target/bench.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// A child stopped by its PID (SIGINT, then SIGKILL) when dropped.
+struct Started {
+    child: Child,
+    name: String,
+}
+
+impl Started {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT and wait; returns the stderr lines if they were collected.
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        eprintln!("xtask: {} did not stop on SIGINT, killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} after 30 s");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn start(name: &str, cmd: &mut Command) -> anyhow::Result<Started> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Started {
+        child,
+        name: name.into(),
+    })
+}
+
+/// The counting OTLP receiver.
+struct Sink {
+    proc: Started,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    grpc: String,
+    http: String,
+}
+
+impl Sink {
+    fn start(root: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(root.join("target/release/otlp-sink"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting otlp-sink")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let field = |k: &str| -> anyhow::Result<String> {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(k))
+                .map(|s| s.to_string())
+                .with_context(|| format!("otlp-sink said {line:?}"))
+        };
+        let (grpc, http) = (field("grpc=")?, field("http=")?);
+        Ok(Self {
+            proc: Started {
+                child,
+                name: "otlp-sink".into(),
+            },
+            stdin,
+            stdout,
+            grpc,
+            http,
+        })
+    }
+
+    fn count(&mut self) -> anyhow::Result<u64> {
+        writeln!(self.stdin)?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("spans=")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("otlp-sink said {line:?}"))
+    }
+}
+
+/// A running agent whose stderr is collected.
+struct Agent {
+    proc: Started,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    fn start(root: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(root.join("target/release/wirespan"))
+            .args(["run"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting wirespan")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("wirespan: ready") {
+                    let _ = tx.send(());
+                }
+                l.lock().unwrap().push(line);
+            }
+        });
+        let proc = Started {
+            child,
+            name: "wirespan".into(),
+        };
+        rx.recv_timeout(Duration::from_secs(60))
+            .context("wirespan did not become ready within 60 s")?;
+        Ok(Self { proc, lines })
+    }
+
+    /// CPU time (user + system) in nanoseconds, RSS and peak RSS in KiB, open descriptors.
+    fn usage(&self) -> anyhow::Result<(u64, u64, u64, usize)> {
+        proc_usage(self.proc.pid())
+    }
+
+    /// Stops the agent and returns its closing summary line.
+    fn stop(mut self) -> String {
+        self.proc.stop();
+        sleep(Duration::from_millis(100));
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .rev()
+            .find(|l| l.contains(" spans: "))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, u64, usize)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let cpu_ns = ticks * 1_000_000_000 / hz.max(1);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |k: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((cpu_ns, kib("VmRSS:"), kib("VmHWM:"), fds))
+}
+
+/// A number after `key` in the agent's summary line (`... 123 spans: 120 exported, ...`).
+fn summary_number(summary: &str, before: &str) -> u64 {
+    let Some(i) = summary.find(before) else {
+        return 0;
+    };
+    summary[..i]
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.trim_end_matches(',').parse().ok())
+        .unwrap_or(0)
+}
+
+/// Total run time and run count of wirespan's programs (`sock_*`), from the kernel's stats.
+fn bpf_stats() -> anyhow::Result<(u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("running bpftool (Debian package bpftool)")?;
+    let progs: Value = serde_json::from_slice(&out.stdout)?;
+    let mut time = 0;
+    let mut count = 0;
+    for p in progs.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("");
+        if name.starts_with("sock_enter_") || name.starts_with("sock_exit_") {
+            time += p["run_time_ns"].as_u64().unwrap_or(0);
+            count += p["run_cnt"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok((time, count))
+}
+
+#[derive(Debug, Default, Clone)]
+struct Wrk {
+    rps: f64,
+    requests: u64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn duration_us(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mul) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mul)
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
+    let mut w = Wrk::default();
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse()?;
+        } else if let Some(v) = t.strip_prefix("50%") {
+            w.p50_us = duration_us(v).unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            w.p99_us = duration_us(v).unwrap_or(0.0);
+        } else if t.contains(" requests in ") {
+            w.requests = t.split_whitespace().next().unwrap_or("0").parse()?;
+        }
+    }
+    if w.rps == 0.0 {
+        bail!("could not read wrk's output: {out}");
+    }
+    Ok(w)
+}
+
+fn wrk(port: u16, seconds: u64) -> anyhow::Result<Wrk> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{seconds}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .context("running wrk (Debian package wrk)")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn nginx(dir: &Path, port: u16) -> anyhow::Result<Started> {
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/logs/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 100000;\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n",
+            d = dir.display()
+        ),
+    )?;
+    let s = start(
+        "nginx",
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir),
+    )?;
+    wait_port(port)?;
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Per-mode samples of one scenario.
+type Samples = BTreeMap<&'static str, Vec<BTreeMap<&'static str, f64>>>;
+
+fn med(samples: &Samples, mode: &str, key: &str) -> f64 {
+    median(
+        samples
+            .get(mode)
+            .map(|v| v.iter().filter_map(|m| m.get(key).copied()).collect())
+            .unwrap_or_default(),
+    )
+}
+
+fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Result<Value> {
+    let dir = root.join("target/bench/nginx");
+    let port = free_port()?;
+    let _nginx = nginx(&dir, port)?;
+    // Warm up.
+    wrk(port, 2)?;
+    let modes = ["baseline", "floor", "wirespan"];
+    let mut samples: Samples = BTreeMap::new();
+    let endpoint = format!("http://{}", sink.grpc);
+    for round in 0..args.rounds {
+        for k in 0..modes.len() {
+            let mode = modes[(round + k) % modes.len()];
+            let agent = match mode {
+                "floor" => Some(Agent::start(root, &["--inert", "--no-export"])?),
+                "wirespan" => Some(Agent::start(
+                    root,
+                    &["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"],
+                )?),
+                _ => None,
+            };
+            let spans_before = sink.count()?;
+            let bpf_before = bpf_stats()?;
+            let cpu_before = agent.as_ref().map(|a| a.usage()).transpose()?;
+            let w = wrk(port, args.seconds)?;
+            let bpf_after = bpf_stats()?;
+            let mut m = BTreeMap::new();
+            m.insert("rps", w.rps);
+            m.insert("p50_us", w.p50_us);
+            m.insert("p99_us", w.p99_us);
+            m.insert("requests", w.requests as f64);
+            if let Some(a) = agent {
+                let (cpu, rss, hwm, _) = a.usage()?;
+                let cpu_run = cpu - cpu_before.map(|c| c.0).unwrap_or(0);
+                let summary = a.stop();
+                // Let the last batches arrive.
+                sleep(Duration::from_millis(500));
+                let spans = sink.count()? - spans_before;
+                let bpf_ns = bpf_after.0.saturating_sub(bpf_before.0);
+                m.insert(
+                    "bpf_ns_per_request",
+                    bpf_ns as f64 / w.requests.max(1) as f64,
+                );
+                m.insert("rss_kib", rss as f64);
+                m.insert("peak_rss_kib", hwm as f64);
+                m.insert("agent_cpu_s", cpu_run as f64 / 1e9);
+                if mode == "wirespan" {
+                    m.insert("spans_received", spans as f64);
+                    m.insert("spans_per_request", spans as f64 / w.requests.max(1) as f64);
+                    m.insert(
+                        "agent_cpu_ns_per_span",
+                        cpu_run as f64 / spans.max(1) as f64,
+                    );
+                    m.insert("lost_ringbuf", summary_number(&summary, "in-flight") as f64);
+                    m.insert(
+                        "spans_dropped",
+                        summary_number(&summary, "dropped (queue full)") as f64,
+                    );
+                    m.insert(
+                        "spans_exported",
+                        summary_number(&summary, "exported,") as f64,
+                    );
+                    eprintln!("xtask: {summary}");
+                }
+            }
+            eprintln!("xtask: nginx round {round} {mode}: {m:?}");
+            samples.entry(mode).or_default().push(m);
+        }
+    }
+    let base = med(&samples, "baseline", "rps");
+    let mut result = json!({ "samples": samples_json(&samples) });
+    for mode in modes {
+        result[mode] = json!({
+            "rps": med(&samples, mode, "rps"),
+            "rps_ratio": med(&samples, mode, "rps") / base,
+            "p50_us": med(&samples, mode, "p50_us"),
+            "p99_us": med(&samples, mode, "p99_us"),
+        });
+    }
+    for key in [
+        "bpf_ns_per_request",
+        "agent_cpu_ns_per_span",
+        "rss_kib",
+        "peak_rss_kib",
+        "spans_per_request",
+        "spans_dropped",
+    ] {
+        result["wirespan"][key] = json!(med(&samples, "wirespan", key));
+    }
+    result["floor"]["bpf_ns_per_request"] = json!(med(&samples, "floor", "bpf_ns_per_request"));
+    Ok(result)
+}
+
+fn samples_json(s: &Samples) -> Value {
+    json!(s)
+}
+
+/// Open-loop load: `rate` GET requests per second for `seconds`, one connection per request
+/// (the Flask development server closes after each answer), by 32 workers. Latency counts from
+/// the scheduled send time, so a slow server cannot hide its queueing.
+fn fixed_rate(port: u16, rate: u32, seconds: u64) -> anyhow::Result<(f64, f64, f64, u64)> {
+    let total = (rate as u64) * seconds;
+    let start = Instant::now() + Duration::from_millis(100);
+    let next = Arc::new(Mutex::new(0u64));
+    let results = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
+    let errors = Arc::new(Mutex::new(0u64));
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let (next, results, errors) = (next.clone(), results.clone(), errors.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        if *n >= total {
+                            return;
+                        }
+                        *n += 1;
+                        *n - 1
+                    };
+                    let at = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                    let now = Instant::now();
+                    if at > now {
+                        sleep(at - now);
+                    }
+                    match one_request(port) {
+                        Ok(()) => results
+                            .lock()
+                            .unwrap()
+                            .push(at.elapsed().as_secs_f64() * 1e6),
+                        Err(_) => *errors.lock().unwrap() += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let mut lat = results.lock().unwrap().clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let errors = *errors.lock().unwrap();
+    Ok((pct(0.5), pct(0.99), lat.len() as f64 / wall, errors))
+}
+
+fn one_request(port: u16) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /work HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    if !buf.starts_with(b"HTTP/1.") || !buf.windows(4).any(|w| w == b" 200") {
+        return Err(std::io::Error::other("not a 200"));
+    }
+    Ok(())
+}
+
+fn service_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Result<Value> {
+    let dir = root.join("target/bench/service");
+    std::fs::create_dir_all(&dir)?;
+    let programs = root.join("tests/programs");
+    let venv = crate::setup::venv();
+    let go_bin = dir.join("goserver");
+    crate::run(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&go_bin)
+            .arg(programs.join("goserver.go"))
+            .env("GOCACHE", dir.join("gocache"))
+            .env("GO111MODULE", "off")
+            .env("GOFLAGS", ""),
+    )?;
+    let go_port = free_port()?;
+    let _go = start(
+        "goserver",
+        Command::new(&go_bin).arg(format!("127.0.0.1:{go_port}")),
+    )?;
+    wait_port(go_port)?;
+    let next = format!("http://127.0.0.1:{go_port}/hello");
+    let endpoint = format!("http://{}", sink.grpc);
+    let http_endpoint = format!("http://{}", sink.http);
+    let modes = ["plain", "wirespan", "sdk"];
+    let mut samples: Samples = BTreeMap::new();
+    for round in 0..args.rounds {
+        for k in 0..modes.len() {
+            let mode = modes[(round + k) % modes.len()];
+            let port = free_port()?;
+            let mut cmd = if mode == "sdk" {
+                let mut c = Command::new(venv.join("bin/opentelemetry-instrument"));
+                c.args([
+                    "--traces_exporter",
+                    "otlp",
+                    "--metrics_exporter",
+                    "none",
+                    "--logs_exporter",
+                    "none",
+                ])
+                .arg(venv.join("bin/python"))
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &http_endpoint)
+                .env("OTEL_SERVICE_NAME", "bench-sdk");
+                c
+            } else {
+                Command::new(venv.join("bin/python"))
+            };
+            cmd.arg(programs.join("sdk_service.py"))
+                .arg(port.to_string())
+                .env("NEXT", &next)
+                .env("WORK_MS", args.work_ms.to_string());
+            let _svc = start("service", &mut cmd)?;
+            wait_port(port)?;
+            let agent = if mode == "wirespan" {
+                Some(Agent::start(
+                    root,
+                    &["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"],
+                )?)
+            } else {
+                None
+            };
+            // Warm up the interpreter and the downstream connection path.
+            let _ = fixed_rate(port, args.rate, 2)?;
+            let spans_before = sink.count()?;
+            let (p50, p99, rps, errors) = fixed_rate(port, args.rate, args.service_seconds)?;
+            let mut m = BTreeMap::new();
+            m.insert("p50_us", p50);
+            m.insert("p99_us", p99);
+            m.insert("rps", rps);
+            m.insert("errors", errors as f64);
+            if let Some(a) = agent {
+                let (cpu, rss, _, _) = a.usage()?;
+                a.stop();
+                m.insert("agent_cpu_s", cpu as f64 / 1e9);
+                m.insert("rss_kib", rss as f64);
+            }
+            sleep(Duration::from_millis(500));
+            m.insert("spans_received", (sink.count()? - spans_before) as f64);
+            eprintln!("xtask: service round {round} {mode}: {m:?}");
+            samples.entry(mode).or_default().push(m);
+        }
+    }
+    let base_p50 = med(&samples, "plain", "p50_us");
+    let base_p99 = med(&samples, "plain", "p99_us");
+    let mut result =
+        json!({ "samples": samples_json(&samples), "rate": args.rate, "work_ms": args.work_ms });
+    for mode in modes {
+        result[mode] = json!({
+            "p50_us": med(&samples, mode, "p50_us"),
+            "p99_us": med(&samples, mode, "p99_us"),
+            "p50_ratio": med(&samples, mode, "p50_us") / base_p50,
+            "p99_ratio": med(&samples, mode, "p99_us") / base_p99,
+            "rps": med(&samples, mode, "rps"),
+            "spans_received": med(&samples, mode, "spans_received"),
+        });
+    }
+    Ok(result)
+}
+
+fn soak(root: &Path, seconds: u64, sink: &mut Sink) -> anyhow::Result<Value> {
+    let dir = root.join("target/bench/soak");
+    let port = free_port()?;
+    let _nginx = nginx(&dir, port)?;
+    let endpoint = format!("http://{}", sink.grpc);
+    let agent = Agent::start(
+        root,
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--stats-every",
+            "10",
+        ],
+    )?;
+    let mut load = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{seconds}s")])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running wrk")?;
+    let mut rows = Vec::new();
+    let begin = Instant::now();
+    while begin.elapsed() < Duration::from_secs(seconds) {
+        sleep(Duration::from_secs(10));
+        let (cpu, rss, hwm, fds) = agent.usage()?;
+        let tables = agent
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("wirespan: stats:"))
+            .cloned()
+            .unwrap_or_default();
+        let row = json!({
+            "t_s": begin.elapsed().as_secs(),
+            "rss_kib": rss,
+            "peak_rss_kib": hwm,
+            "fds": fds,
+            "cpu_s": cpu as f64 / 1e9,
+            "agent": tables,
+        });
+        eprintln!("xtask: soak {row}");
+        rows.push(row);
+    }
+    let mut out = String::new();
+    load.wait()?;
+    if let Some(mut o) = load.stdout.take() {
+        o.read_to_string(&mut out)?;
+    }
+    let summary = agent.stop();
+    sleep(Duration::from_millis(500));
+    Ok(json!({
+        "seconds": seconds,
+        "samples": rows,
+        "wrk": out,
+        "agent_summary": summary,
+        "spans_received": sink.count()?,
+    }))
+}
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu": cpu,
+        "cores": cores,
+    })
+}
+
+pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    crate::setup::bench_tools()?;
+    crate::run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "wirespan-tests",
+        "--bin",
+        "otlp-sink",
+    ]))?;
+    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_else(|_| "0".into());
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enabling kernel.bpf_stats_enabled (needs root)")?;
+    let mut sink = Sink::start(root)?;
+    let result = (|| -> anyhow::Result<Value> {
+        if let Some(secs) = args.soak {
+            return Ok(json!({ "machine": machine(), "soak": soak(root, secs, &mut sink)? }));
+        }
+        let nginx = nginx_scenario(root, args, &mut sink)?;
+        let service = service_scenario(root, args, &mut sink)?;
+        Ok(json!({
+            "machine": machine(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "nginx": nginx,
+            "service": service,
+        }))
+    })();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+    sink.proc.stop();
+    let result = result?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(&result)?)?;
+    print_table(&result);
+    eprintln!("xtask: results in {}", out.display());
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    if let Some(s) = r.get("soak") {
+        println!("soak: {} s", s["seconds"]);
+        for row in s["samples"].as_array().into_iter().flatten() {
+            println!(
+                "  t={:>5}s rss={:>7} KiB peak={:>7} KiB fds={:>4} cpu={:>7.1}s",
+                row["t_s"],
+                row["rss_kib"],
+                row["peak_rss_kib"],
+                row["fds"],
+                f(&row["cpu_s"])
+            );
+        }
+        return;
+    }
+    let n = &r["nginx"];
+    println!(
+        "nginx at saturation (wrk -t2 -c64), medians of {} rounds:",
+        r["rounds"]
+    );
+    println!("  mode        req/s      ratio   p50 us   p99 us");
+    for mode in ["baseline", "floor", "wirespan"] {
+        let m = &n[mode];
+        println!(
+            "  {mode:<9} {:>9.0}  {:>7.3}  {:>7.0}  {:>7.0}",
+            f(&m["rps"]),
+            f(&m["rps_ratio"]),
+            f(&m["p50_us"]),
+            f(&m["p99_us"])
+        );
+    }
+    let w = &n["wirespan"];
+    println!(
+        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}",
+        f(&w["bpf_ns_per_request"]),
+        f(&n["floor"]["bpf_ns_per_request"]),
+        f(&w["agent_cpu_ns_per_span"]),
+        f(&w["rss_kib"]) / 1024.0,
+        f(&w["peak_rss_kib"]) / 1024.0,
+        f(&w["spans_per_request"]),
+        f(&w["spans_dropped"]),
+    );
+    let s = &r["service"];
+    println!(
+        "realistic service (Flask, {} ms work + one call to Go) at {} req/s:",
+        s["work_ms"], s["rate"]
+    );
+    println!("  mode        p50 us   p99 us  p50 ratio  p99 ratio   spans");
+    for mode in ["plain", "wirespan", "sdk"] {
+        let m = &s[mode];
+        println!(
+            "  {mode:<9} {:>8.0} {:>8.0}  {:>9.3}  {:>9.3}  {:>6.0}",
+            f(&m["p50_us"]),
+            f(&m["p99_us"]),
+            f(&m["p50_ratio"]),
+            f(&m["p99_ratio"]),
+            f(&m["spans_received"])
+        );
+    }
+}
