@@ -90,10 +90,14 @@ pub struct Batching {
     pub max_batch: usize,
     pub delay: Duration,
     pub export_timeout: Duration,
+    /// Exports in flight at once.
+    pub max_concurrent: usize,
 }
 
 impl Batching {
-    /// The OpenTelemetry defaults, overridden by `OTEL_BSP_*` variables.
+    /// Defaults for a node agent (a whole host's traffic goes through one queue, so the queue
+    /// and batches are larger than an SDK's 2048/512 and four exports run at once), overridden
+    /// by `OTEL_BSP_*` variables.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let num = |var: &str, default: u64| -> anyhow::Result<u64> {
             match get(var) {
@@ -104,14 +108,15 @@ impl Batching {
                 _ => Ok(default),
             }
         };
-        let max_queue = num("OTEL_BSP_MAX_QUEUE_SIZE", 2048)?.max(1) as usize;
+        let max_queue = num("OTEL_BSP_MAX_QUEUE_SIZE", 16384)?.max(1) as usize;
         let max_batch =
-            (num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?.max(1) as usize).min(max_queue);
+            (num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048)?.max(1) as usize).min(max_queue);
         Ok(Self {
             max_queue,
             max_batch,
             delay: Duration::from_millis(num("OTEL_BSP_SCHEDULE_DELAY", 5000)?),
             export_timeout: Duration::from_millis(num("OTEL_BSP_EXPORT_TIMEOUT", 30000)?),
+            max_concurrent: num("OTEL_BSP_MAX_CONCURRENT_EXPORTS", 4)?.max(1) as usize,
         })
     }
 }
@@ -145,7 +150,15 @@ impl Exporter {
                     task: None,
                 });
             }
-            Target::Otlp(cfg) => Sink::Otlp(Box::new(build_otlp(&cfg, &batching)?)),
+            Target::Otlp(config) => {
+                // Fail at start on a bad configuration, not at the first span.
+                build_otlp(&config, &batching)?;
+                Sink::Otlp {
+                    config,
+                    batching,
+                    exporters: HashMap::new(),
+                }
+            }
             Target::Embedded { ui, max_traces } => {
                 let state = otlp_embedded::State::new(otlp_embedded::Config {
                     max_length: max_traces,
@@ -161,7 +174,7 @@ impl Exporter {
                         log::error!("Jaeger UI server stopped: {e}");
                     }
                 });
-                Sink::Embedded(otlp_embedded::TraceServiceImpl::new(state))
+                Sink::Embedded(Arc::new(otlp_embedded::TraceServiceImpl::new(state)))
             }
         };
         let (tx, rx) = mpsc::channel(batching.max_queue);
@@ -197,8 +210,13 @@ impl Exporter {
 }
 
 enum Sink {
-    Otlp(Box<opentelemetry_otlp::SpanExporter>),
-    Embedded(otlp_embedded::TraceServiceImpl),
+    /// One exporter per traced process, each with that process's resource (built on first use).
+    Otlp {
+        config: OtlpConfig,
+        batching: Batching,
+        exporters: HashMap<u32, (Arc<ProcessInfo>, Arc<opentelemetry_otlp::SpanExporter>)>,
+    },
+    Embedded(Arc<otlp_embedded::TraceServiceImpl>),
 }
 
 fn build_otlp(
@@ -243,12 +261,12 @@ async fn run(
     stats: Arc<ExportStats>,
 ) {
     let mut batch: Vec<Span> = Vec::with_capacity(batching.max_batch);
-    let mut resources: HashMap<u32, (Arc<ProcessInfo>, Resource)> = HashMap::new();
+    let mut in_flight = tokio::task::JoinSet::new();
     let host = crate::trace::process::host_name();
-    loop {
+    let mut closed = false;
+    while !closed {
         let deadline = tokio::time::sleep(batching.delay);
         tokio::pin!(deadline);
-        let mut closed = false;
         while batch.len() < batching.max_batch {
             tokio::select! {
                 s = rx.recv() => match s {
@@ -258,80 +276,103 @@ async fn run(
                 () = &mut deadline => break,
             }
         }
-        if !batch.is_empty() {
-            let spans = std::mem::take(&mut batch);
-            let n = spans.len() as u64;
-            match tokio::time::timeout(
-                batching.export_timeout,
-                send(&mut sink, spans, &mut resources, &host),
-            )
-            .await
-            {
-                Ok(Ok(())) => {
-                    stats.exported.fetch_add(n, Ordering::Relaxed);
-                }
-                Ok(Err(e)) => {
-                    stats.failed.fetch_add(n, Ordering::Relaxed);
-                    log::warn!("exporting {n} spans failed: {e}");
-                }
-                Err(_) => {
-                    stats.failed.fetch_add(n, Ordering::Relaxed);
-                    log::warn!("exporting {n} spans timed out");
-                }
-            }
+        if batch.is_empty() {
+            continue;
         }
-        if closed {
-            return;
+        for (exporter, data) in groups(&mut sink, std::mem::take(&mut batch), &host) {
+            while in_flight.len() >= batching.max_concurrent {
+                let _ = in_flight.join_next().await;
+            }
+            let stats = stats.clone();
+            let timeout = batching.export_timeout;
+            in_flight.spawn(async move {
+                let n = data.len() as u64;
+                let result = tokio::time::timeout(timeout, exporter.export(data)).await;
+                match result {
+                    Ok(Ok(())) => {
+                        stats.exported.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => {
+                        stats.failed.fetch_add(n, Ordering::Relaxed);
+                        log::warn!("exporting {n} spans failed: {e}");
+                    }
+                    Err(_) => {
+                        stats.failed.fetch_add(n, Ordering::Relaxed);
+                        log::warn!("exporting {n} spans timed out");
+                    }
+                }
+            });
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Where one group of spans goes.
+enum Destination {
+    Otlp(Arc<opentelemetry_otlp::SpanExporter>),
+    Embedded(Arc<otlp_embedded::TraceServiceImpl>, Resource),
+}
+
+impl Destination {
+    async fn export(self, data: Vec<SpanData>) -> anyhow::Result<()> {
+        match self {
+            Destination::Otlp(e) => e.export(data).await.map_err(|e| anyhow::anyhow!("{e}")),
+            Destination::Embedded(service, resource) => {
+                embedded_export(&service, &resource, data).await
+            }
         }
     }
 }
 
-/// Sends one batch: one request per process (resource).
-async fn send(
-    sink: &mut Sink,
-    spans: Vec<Span>,
-    resources: &mut HashMap<u32, (Arc<ProcessInfo>, Resource)>,
-    host: &str,
-) -> anyhow::Result<()> {
-    let mut groups: Vec<(Arc<ProcessInfo>, Vec<SpanData>)> = Vec::new();
+/// Splits a batch by process (each its own resource) and finds each group's destination.
+fn groups(sink: &mut Sink, spans: Vec<Span>, host: &str) -> Vec<(Destination, Vec<SpanData>)> {
+    let mut by_process: Vec<(Arc<ProcessInfo>, Vec<SpanData>)> = Vec::new();
     for s in spans {
         let info = s.process.clone();
         let data = span_data(s);
-        match groups
+        match by_process
             .iter_mut()
             .find(|(p, _)| Arc::ptr_eq(p, &info) || **p == *info)
         {
             Some((_, v)) => v.push(data),
-            None => groups.push((info, vec![data])),
+            None => by_process.push((info, vec![data])),
         }
     }
-    let mut first_error = None;
-    for (info, data) in groups {
-        let entry = resources
-            .entry(info.pid)
-            .or_insert_with(|| (info.clone(), resource(&info, host)));
-        if *entry.0 != *info {
-            *entry = (info.clone(), resource(&info, host));
-        }
-        let resource = entry.1.clone();
-        let result = match sink {
-            Sink::Otlp(exporter) => {
-                exporter.set_resource(&resource);
-                exporter
-                    .export(data)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))
+    let mut out = Vec::with_capacity(by_process.len());
+    for (info, data) in by_process {
+        let destination = match sink {
+            Sink::Embedded(service) => {
+                Destination::Embedded(service.clone(), resource(&info, host))
             }
-            Sink::Embedded(service) => embedded_export(service, &resource, data).await,
+            Sink::Otlp {
+                config,
+                batching,
+                exporters,
+            } => {
+                let current = exporters
+                    .get(&info.pid)
+                    .filter(|(known, _)| **known == *info)
+                    .map(|(_, e)| e.clone());
+                match current {
+                    Some(e) => Destination::Otlp(e),
+                    None => match build_otlp(config, batching) {
+                        Ok(mut e) => {
+                            e.set_resource(&resource(&info, host));
+                            let e = Arc::new(e);
+                            exporters.insert(info.pid, (info.clone(), e.clone()));
+                            Destination::Otlp(e)
+                        }
+                        Err(err) => {
+                            log::warn!("no exporter for pid {}: {err:#}", info.pid);
+                            continue;
+                        }
+                    },
+                }
+            }
         };
-        if let Err(e) = result {
-            first_error.get_or_insert(e);
-        }
+        out.push((destination, data));
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    out
 }
 
 async fn embedded_export(
@@ -444,7 +485,7 @@ mod tests {
         let d = Batching::from_env(env(&[])).unwrap();
         assert_eq!(
             (d.max_queue, d.max_batch, d.delay, d.export_timeout),
-            (2048, 512, Duration::from_secs(5), Duration::from_secs(30))
+            (16384, 2048, Duration::from_secs(5), Duration::from_secs(30))
         );
         let b = Batching::from_env(env(&[
             ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
@@ -493,6 +534,7 @@ mod tests {
                 max_batch: 4,
                 delay: Duration::from_secs(60),
                 export_timeout: Duration::from_secs(1),
+                max_concurrent: 1,
             },
         )
         .await

@@ -48,8 +48,11 @@ pub type SpanId = [u8; 8];
 /// How long a server span without its client waits for the client's write to be reported.
 pub const PEER_WAIT: Duration = Duration::from_millis(30);
 /// Finished spans are remembered this long, for children and far ends that finish later.
-/// (Late children: a call a handler makes after it answered.) Bounds memory at high rates.
-const KEEP_FINISHED: Duration = Duration::from_secs(10);
+/// (Late children: a call a handler makes after it answered.)
+const KEEP_FINISHED: Duration = Duration::from_secs(2);
+/// Finished spans remembered at most; older ones are forgotten first. Bounds memory at high
+/// request rates (a span a child or far end still needs is almost always unfinished or fresh).
+const MAX_FINISHED: usize = 65_536;
 /// Connections without an event for this long are forgotten.
 const IDLE_CONNECTION: Duration = Duration::from_secs(600);
 /// Requests waiting for responses on one connection (pipelining depth).
@@ -160,6 +163,8 @@ struct Node {
     suppressed: bool,
     finished: Option<Instant>,
     peer_key: Option<PeerKey>,
+    /// Waiting in `Stitcher::deferred`.
+    deferred: bool,
 }
 
 /// A request waiting for (or receiving) its response.
@@ -235,6 +240,8 @@ pub struct Stitcher {
     procs: HashMap<u32, Proc>,
     own: OwnSockets,
     deferred: VecDeque<Deferred>,
+    /// Finished spans in the order they finished, for forgetting them.
+    finished: VecDeque<(Instant, SpanId)>,
     assembling: HashMap<u64, Assembling>,
     rng: fastrand::Rng,
     last_prune: Instant,
@@ -257,6 +264,7 @@ impl Stitcher {
             procs: HashMap::new(),
             own: OwnSockets::new(),
             deferred: VecDeque::new(),
+            finished: VecDeque::new(),
             assembling: HashMap::new(),
             rng: fastrand::Rng::new(),
             last_prune: Instant::now(),
@@ -598,6 +606,7 @@ impl Stitcher {
                         suppressed,
                         finished: None,
                         peer_key,
+                        deferred: false,
                     },
                 );
                 conn.pending.push_back(Pending {
@@ -779,8 +788,10 @@ impl Stitcher {
         };
         let attrs = attributes::attributes(&ex);
         let error = attributes::error(&ex);
+        let now = Instant::now();
         if let Some(n) = self.nodes.get_mut(&p.id) {
-            n.finished = Some(Instant::now());
+            n.finished = Some(now);
+            self.finished.push_back((now, p.id));
         }
         if let Some(t) = self.threads.get_mut(&p.tid)
             && t.active == Some(p.id)
@@ -813,6 +824,9 @@ impl Stitcher {
             _ => false,
         };
         if waiting_for_peer {
+            if let Some(n) = self.nodes.get_mut(&p.id) {
+                n.deferred = true;
+            }
             self.deferred.push_back(Deferred {
                 since: Instant::now(),
                 span,
@@ -967,28 +981,17 @@ impl Stitcher {
             .is_some_and(|d| now.duration_since(d.since) >= PEER_WAIT)
         {
             if let Some(d) = self.deferred.pop_front() {
+                if let Some(n) = self.nodes.get_mut(&d.id) {
+                    n.deferred = false;
+                }
                 self.emit(d.id, d.span, out);
             }
         }
+        self.forget_finished(now);
         if now.duration_since(self.last_prune) < Duration::from_secs(1) {
             return;
         }
         self.last_prune = now;
-        let deferred: Vec<SpanId> = self.deferred.iter().map(|d| d.id).collect();
-        let mut gone = Vec::new();
-        self.nodes.retain(|id, n| {
-            let keep = n
-                .finished
-                .is_none_or(|f| now.duration_since(f) < KEEP_FINISHED)
-                || deferred.contains(id);
-            if !keep && let Some(k) = n.peer_key {
-                gone.push(k);
-            }
-            keep
-        });
-        for k in gone {
-            self.clients.remove(&k);
-        }
         let nodes = &self.nodes;
         self.threads
             .retain(|_, t| t.multiplexed || t.active.is_some_and(|a| nodes.contains_key(&a)));
@@ -1015,6 +1018,27 @@ impl Stitcher {
                 .retain(|_, span| nodes.get(span).is_some_and(|n| n.finished.is_none()));
             live.contains(pid) || now.duration_since(p.last_seen) < IDLE_CONNECTION
         });
+    }
+
+    /// Forgets finished spans older than `KEEP_FINISHED`, or the oldest beyond `MAX_FINISHED`.
+    fn forget_finished(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.finished.front() {
+            let old = now.duration_since(at) >= KEEP_FINISHED;
+            if !old && self.finished.len() <= MAX_FINISHED {
+                break;
+            }
+            if self.nodes.get(&id).is_some_and(|n| n.deferred) {
+                // Emitted within PEER_WAIT; forget it on a later tick.
+                break;
+            }
+            self.finished.pop_front();
+            if let Some(n) = self.nodes.remove(&id)
+                && let Some(k) = n.peer_key
+                && self.clients.get(&k) == Some(&id)
+            {
+                self.clients.remove(&k);
+            }
+        }
     }
 
     /// Ends everything in progress (at shutdown): deferred spans go out as they are.
