@@ -202,6 +202,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         line: String::new(),
         stats_every: args.stats_every.map(Duration::from_secs),
         last_stats: std::time::Instant::now(),
+        events_since_tick: 0,
     };
     let lost = capture.run(&mut tracer, shutdown_signal()).await?;
     tracer.stitcher.flush(&mut tracer.spans);
@@ -244,6 +245,7 @@ struct Tracer<W: Write> {
     line: String,
     stats_every: Option<Duration>,
     last_stats: std::time::Instant,
+    events_since_tick: u32,
 }
 
 impl<W: Write> Tracer<W> {
@@ -269,6 +271,14 @@ impl<W: Write> EventSink for Tracer<W> {
             }
         }
         if self.spans.len() >= 64 {
+            self.hand_out();
+        }
+        // Under constant load the ring is never empty and `idle` would not run: do the
+        // time-based work (forgetting old state, deferred links) every 4096 events too.
+        self.events_since_tick += 1;
+        if self.events_since_tick >= 4096 {
+            self.events_since_tick = 0;
+            self.stitcher.tick(&mut self.spans);
             self.hand_out();
         }
     }

@@ -73,7 +73,9 @@ pub mod family {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventHeader {
-    /// `bpf_ktime_get_ns()` at syscall exit (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at syscall exit; for egress data at syscall enter,
+    /// before the bytes can reach the peer, so a peer's read of them is never timed earlier than
+    /// the write that sent them (spans at the two ends nest).
     pub ts_ns: u64,
     /// The socket's inode number: the same for the socket's whole life, different for the
     /// next socket that reuses the descriptor number; the `socket:[N]` of /proc/PID/fd.
@@ -169,8 +171,10 @@ pub struct Inflight {
     pub syscall: u32,
     /// recv flags (MSG_PEEK data is read again later and must not be reported twice).
     pub flags: u32,
+    /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
+    pub enter_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Inflight>() == 48);
+const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integer fields only, no padding (size checked above).

@@ -92,6 +92,8 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         fd: fd as i32,
         syscall: id,
         flags: arg(ctx, &layout, at.flags) as u32,
+        // SAFETY: a helper without preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
     };
     if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         count_lost(lost::INFLIGHT_FULL);
@@ -146,6 +148,7 @@ enum Payload {
 
 /// Builds the event in per-CPU scratch space and sends header + captured prefix.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn emit(
     pid_tgid: u64,
     fd: i32,
@@ -154,6 +157,7 @@ fn emit(
     ev: (u32, u32, u32),
     len: u64,
     payload: Payload,
+    enter_ns: u64,
 ) {
     let (event_kind, id, dir) = ev;
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
@@ -163,7 +167,12 @@ fn emit(
     let buf = unsafe { &mut *buf };
     let header = &mut buf.header;
     // SAFETY: a helper without preconditions.
-    header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    header.ts_ns = if dir == direction::EGRESS && enter_ns != 0 {
+        enter_ns
+    } else {
+        // SAFETY: a helper without preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    };
     header.pid = (pid_tgid >> 32) as u32;
     header.tid = pid_tgid as u32;
     header.fd = fd;
@@ -176,7 +185,8 @@ fn emit(
 
     // A socket in the middle of a large request head gets its calls captured whole.
     let head_key = sock.sk as u64 + dir as u64;
-    let budget: u64 = if event_kind == kind::DATA {
+    // Only a call longer than the prefix can need more of its bytes.
+    let budget: u64 = if event_kind == kind::DATA && len > settings().capture_bytes as u64 {
         // SAFETY: the value is copied out at once.
         unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64
     } else {
@@ -325,6 +335,7 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
         (kind::DATA, id, dir),
         len as u64,
         payload,
+        inflight.enter_ns,
     );
     0
 }
@@ -429,6 +440,7 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
             (kind::ACCEPT, id, direction::NONE),
             0,
             Payload::None,
+            0,
         );
     }
     0
@@ -481,6 +493,7 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
             (kind::CONNECT, syscall::CONNECT, direction::NONE),
             0,
             Payload::None,
+            0,
         );
     }
     0
@@ -507,6 +520,7 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
             (kind::CLOSE, syscall::CLOSE, direction::NONE),
             0,
             Payload::None,
+            0,
         );
     }
     0

@@ -51,6 +51,7 @@ pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
         fd: i32::try_from(a[0]).ok()?,
         syscall: id,
         flags,
+        enter_ns: 0,
     })
 }
 

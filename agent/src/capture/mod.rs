@@ -214,6 +214,10 @@ impl Capture {
 
         let events = take_map(&mut ebpf, names::EVENTS)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
+        // Parsing BTF and the object took memory that is free now; give it back to the system
+        // so the agent's resident size is its steady state, not its start-up.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         Ok(Self {
             _ebpf: ebpf,
             events,

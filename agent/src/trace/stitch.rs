@@ -23,7 +23,7 @@
 //! waits a little for it (see [`PEER_WAIT`]).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -41,6 +41,9 @@ use crate::{
 };
 
 use super::process::{OwnSockets, ProcessInfo};
+
+/// Keys here are kernel ids and random span ids, not attacker-chosen strings: a fast hash.
+type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 pub type TraceId = [u8; 16];
 pub type SpanId = [u8; 8];
@@ -210,7 +213,8 @@ struct Proc {
     cross_thread: bool,
     /// Contexts received by its server spans still being served: (trace, span) -> our server
     /// span.
-    received: HashMap<(TraceId, SpanId), SpanId>,
+    /// (Keys come from request headers: the standard, DoS-resistant hash.)
+    received: std::collections::HashMap<(TraceId, SpanId), SpanId>,
     last_seen: Instant,
 }
 
@@ -245,6 +249,9 @@ pub struct Stitcher {
     assembling: HashMap<u64, Assembling>,
     rng: fastrand::Rng,
     last_prune: Instant,
+    /// A coarse clock, advanced by `tick`: reading the clock per event costs more than the
+    /// precision is worth for expiry.
+    now: Instant,
     pub stats: Stats,
 }
 
@@ -257,17 +264,18 @@ impl Stitcher {
         Self {
             clock,
             proc_root,
-            conns: HashMap::new(),
-            nodes: HashMap::new(),
-            clients: HashMap::new(),
-            threads: HashMap::new(),
-            procs: HashMap::new(),
+            conns: HashMap::default(),
+            nodes: HashMap::default(),
+            clients: HashMap::default(),
+            threads: HashMap::default(),
+            procs: HashMap::default(),
             own: OwnSockets::new(),
             deferred: VecDeque::new(),
             finished: VecDeque::new(),
-            assembling: HashMap::new(),
+            assembling: HashMap::default(),
             rng: fastrand::Rng::new(),
             last_prune: Instant::now(),
+            now: Instant::now(),
             stats: Stats::default(),
         }
     }
@@ -315,14 +323,15 @@ impl Stitcher {
 
     fn proc(&mut self, pid: u32, comm: &str) -> &mut Proc {
         let root = &self.proc_root;
+        let now = self.now;
         let p = self.procs.entry(pid).or_insert_with(|| Proc {
             info: Arc::new(ProcessInfo::read(root, pid, comm)),
             instrumented: false,
             cross_thread: false,
-            received: HashMap::new(),
-            last_seen: Instant::now(),
+            received: std::collections::HashMap::new(),
+            last_seen: now,
         });
-        p.last_seen = Instant::now();
+        p.last_seen = now;
         p
     }
 
@@ -407,7 +416,7 @@ impl Stitcher {
                 let Some(mut conn) = self.conns.remove(&id) else {
                     return;
                 };
-                conn.last_seen = Instant::now();
+                conn.last_seen = self.now;
                 if !conn.own {
                     self.data(&mut conn, ev, dir, out);
                 }
@@ -456,7 +465,7 @@ impl Stitcher {
                 egress: stream(egress_kind),
                 pending: VecDeque::new(),
                 own,
-                last_seen: Instant::now(),
+                last_seen: self.now,
             },
         );
     }
@@ -788,7 +797,7 @@ impl Stitcher {
         };
         let attrs = attributes::attributes(&ex);
         let error = attributes::error(&ex);
-        let now = Instant::now();
+        let now = self.now;
         if let Some(n) = self.nodes.get_mut(&p.id) {
             n.finished = Some(now);
             self.finished.push_back((now, p.id));
@@ -966,6 +975,7 @@ impl Stitcher {
     /// old state. Call regularly.
     pub fn tick(&mut self, out: &mut Vec<Span>) {
         let now = Instant::now();
+        self.now = now;
         let stale: Vec<u64> = self
             .assembling
             .iter()
