@@ -96,7 +96,7 @@ pub struct Batching {
 
 impl Batching {
     /// Defaults for a node agent (a whole host's traffic goes through one queue, so the queue
-    /// and batches are larger than an SDK's 2048/512 and four exports run at once), overridden
+    /// and batches are larger than an SDK's 2048/512 (8192/1024) and four exports run at once), overridden
     /// by `OTEL_BSP_*` variables.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let num = |var: &str, default: u64| -> anyhow::Result<u64> {
@@ -108,9 +108,9 @@ impl Batching {
                 _ => Ok(default),
             }
         };
-        let max_queue = num("OTEL_BSP_MAX_QUEUE_SIZE", 16384)?.max(1) as usize;
+        let max_queue = num("OTEL_BSP_MAX_QUEUE_SIZE", 8192)?.max(1) as usize;
         let max_batch =
-            (num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048)?.max(1) as usize).min(max_queue);
+            (num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1024)?.max(1) as usize).min(max_queue);
         Ok(Self {
             max_queue,
             max_batch,
@@ -485,7 +485,7 @@ mod tests {
         let d = Batching::from_env(env(&[])).unwrap();
         assert_eq!(
             (d.max_queue, d.max_batch, d.delay, d.export_timeout),
-            (16384, 2048, Duration::from_secs(5), Duration::from_secs(30))
+            (8192, 1024, Duration::from_secs(5), Duration::from_secs(30))
         );
         let b = Batching::from_env(env(&[
             ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),

@@ -101,9 +101,15 @@ struct CaptureArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Two malloc arenas are enough for two worker threads; more only hold freed memory.
+    // SAFETY: mallopt has no preconditions; called before any thread starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two threads: reading the kernel's events never waits for an export to be encoded and
+    // sent, nor the other way round.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

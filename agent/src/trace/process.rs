@@ -233,6 +233,8 @@ pub fn host_name() -> String {
 #[derive(Debug)]
 pub struct OwnSockets {
     endpoints: HashSet<SocketAddr>,
+    /// Inodes of our sockets when `endpoints` was built.
+    inodes: HashSet<u64>,
     refreshed: Option<Instant>,
 }
 
@@ -246,6 +248,7 @@ impl OwnSockets {
     pub fn new() -> Self {
         Self {
             endpoints: HashSet::new(),
+            inodes: HashSet::new(),
             refreshed: None,
         }
     }
@@ -278,6 +281,11 @@ impl OwnSockets {
                 s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
             })
             .collect();
+        // /proc/net/tcp lists every socket of the namespace: read it only when our own sockets
+        // changed, not on every connection we do not recognise.
+        if inodes == self.inodes {
+            return;
+        }
         self.endpoints.clear();
         for file in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
             let Ok(text) = fs::read_to_string(file) else {
@@ -289,6 +297,7 @@ impl OwnSockets {
                 }
             }
         }
+        self.inodes = inodes;
     }
 }
 

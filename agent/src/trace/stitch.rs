@@ -55,7 +55,7 @@ pub const PEER_WAIT: Duration = Duration::from_millis(30);
 const KEEP_FINISHED: Duration = Duration::from_secs(2);
 /// Finished spans remembered at most; older ones are forgotten first. Bounds memory at high
 /// request rates (a span a child or far end still needs is almost always unfinished or fresh).
-const MAX_FINISHED: usize = 65_536;
+const MAX_FINISHED: usize = 16_384;
 /// Connections without an event for this long are forgotten.
 const IDLE_CONNECTION: Duration = Duration::from_secs(600);
 /// Requests waiting for responses on one connection (pipelining depth).
