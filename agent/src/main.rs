@@ -209,6 +209,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         stats_every: args.stats_every.map(Duration::from_secs),
         last_stats: std::time::Instant::now(),
         events_since_tick: 0,
+        lost: Lost::default(),
     };
     let lost = capture.run(&mut tracer, shutdown_signal()).await?;
     tracer.stitcher.flush(&mut tracer.spans);
@@ -252,6 +253,8 @@ struct Tracer<W: Write> {
     stats_every: Option<Duration>,
     last_stats: std::time::Instant,
     events_since_tick: u32,
+    /// The kernel's loss counters as of the last drain.
+    lost: Lost,
 }
 
 impl<W: Write> Tracer<W> {
@@ -286,31 +289,42 @@ impl<W: Write> EventSink for Tracer<W> {
             self.events_since_tick = 0;
             self.stitcher.tick(&mut self.spans);
             self.hand_out();
+            self.maybe_print_stats();
         }
     }
 
     fn idle(&mut self, lost: &Lost) {
+        self.lost = *lost;
         self.stitcher.tick(&mut self.spans);
         self.hand_out();
         let _ = self.out.flush();
-        if let Some(every) = self.stats_every
-            && self.last_stats.elapsed() >= every
-        {
-            self.last_stats = std::time::Instant::now();
-            let s = &self.stitcher.stats;
-            let [conns, procs, spans, clients, threads, deferred] = self.stitcher.table_sizes();
-            let e = &self.exporter.stats;
-            eprintln!(
-                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred}",
-                s.events,
-                s.spans,
-                e.exported.load(Ordering::Relaxed),
-                e.dropped_queue_full.load(Ordering::Relaxed),
-                e.failed.load(Ordering::Relaxed),
-                lost.ringbuf_full,
-                lost.inflight_full,
-            );
+        self.maybe_print_stats();
+    }
+}
+
+impl<W: Write> Tracer<W> {
+    /// With `--stats-every`, one line of counters and table sizes when it is due.
+    fn maybe_print_stats(&mut self) {
+        let Some(every) = self.stats_every else {
+            return;
+        };
+        if self.last_stats.elapsed() < every {
+            return;
         }
+        self.last_stats = std::time::Instant::now();
+        let s = &self.stitcher.stats;
+        let [conns, procs, spans, clients, threads, deferred] = self.stitcher.table_sizes();
+        let e = &self.exporter.stats;
+        eprintln!(
+            "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred}",
+            s.events,
+            s.spans,
+            e.exported.load(Ordering::Relaxed),
+            e.dropped_queue_full.load(Ordering::Relaxed),
+            e.failed.load(Ordering::Relaxed),
+            self.lost.ringbuf_full,
+            self.lost.inflight_full,
+        );
     }
 }
 

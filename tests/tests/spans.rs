@@ -622,7 +622,7 @@ fn otel_environment_variables_configure_the_export() {
     let receiver = Receiver::start().unwrap();
     let endpoint = format!("http://{}", receiver.grpc);
     let agent = SpanAgent::start_with_env(
-        &[],
+        &["--stats-every", "1"],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
@@ -631,7 +631,14 @@ fn otel_environment_variables_configure_the_export() {
     )
     .unwrap();
     curl(&[&format!("http://127.0.0.1:{port}/env")]).unwrap();
-    agent.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, log) = agent.stop().unwrap();
+    // --stats-every prints counters and table sizes while running.
+    let stats = log
+        .iter()
+        .rfind(|l| l.starts_with("wirespan: stats:"))
+        .unwrap_or_else(|| panic!("no stats line in {log:#?}"));
+    assert!(stats.contains(" exported=2 "), "{stats}");
     let spans = receive(&receiver, 2);
     assert_eq!(of(&spans, "envconf", "SERVER").len(), 1, "{spans:#?}");
     let headers = receiver.test_headers();
