@@ -83,6 +83,13 @@ struct RunArgs {
     /// Print one line per span on standard output.
     #[arg(long)]
     log_spans: bool,
+    /// Export query parameter values as they are (by default each value is `REDACTED`: queries
+    /// carry tokens and personal data).
+    #[arg(long)]
+    keep_query_values: bool,
+    /// Connections tracked at once; more are counted and ignored.
+    #[arg(long, default_value_t = wirespan::trace::stitch::MAX_CONNECTIONS, hide = true)]
+    max_connections: usize,
     /// Every this many seconds, print one line of counters and table sizes on stderr.
     #[arg(long, value_name = "SECS")]
     stats_every: Option<u64>,
@@ -199,8 +206,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The exporter starts first: a UI address in use is reported before probes attach.
     let exporter = Exporter::start(target, batching).await?;
     let capture = start_capture(&args.select)?;
+    let mut stitcher = Stitcher::new(WallClock::measure());
+    stitcher.redact_query = !args.keep_query_values;
+    stitcher.max_connections = args.max_connections;
     let mut tracer = Tracer {
-        stitcher: Stitcher::new(WallClock::measure()),
+        stitcher,
         exporter,
         spans: Vec::new(),
         log_spans: args.log_spans,
@@ -222,7 +232,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     exporter.shutdown(Duration::from_secs(5)).await;
     let s = &stitcher.stats;
     eprintln!(
-        "wirespan: {} events; {} spans: {} exported, {} dropped (queue full), {} failed to export, {} left to the process's own instrumentation, {} not sampled; http: {} malformed, {} oversized, {} truncated heads, {} calls skipped; {} invalid trace headers; lost in kernel: ring buffer full {}, in-flight table full {}, unreadable buffers {}",
+        "wirespan: {} events; {} spans: {} exported, {} dropped (queue full), {} failed to export, {} left to the process's own instrumentation, {} not sampled; http: {} malformed, {} oversized, {} truncated heads, {} calls skipped; {} invalid trace headers; {} connections not tracked (table full), {} requests given up, {} cut off by their process exiting; lost in kernel: ring buffer full {}, in-flight table full {}, unreadable buffers {}",
         s.events,
         s.spans,
         stats.exported.load(Ordering::Relaxed),
@@ -235,6 +245,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         s.http.truncated,
         s.http.skipped_calls,
         s.invalid_trace_headers,
+        s.connections_dropped,
+        s.pending_dropped,
+        s.process_exits,
         lost.ringbuf_full,
         lost.inflight_full,
         lost.read_failed

@@ -1,10 +1,13 @@
 """A Python service for wirespan's span tests: a thread-per-request HTTP/1.1 server that,
 given --next, calls the next service (a new connection per call) before it answers.
 
-/fail answers 500 without calling on. Headers are not forwarded unless --forward is given.
+/fail answers 500 without calling on; /login answers with a Set-Cookie; /slow waits 60 s
+before answering. Headers are not forwarded unless --forward is given. --token is accepted
+and unused (the secrets test puts a secret on the command line).
 """
 import argparse
 import http.client
+import time
 import http.server
 import socketserver
 import urllib.parse
@@ -15,7 +18,22 @@ ARGS = None
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(n)
+        self.do_GET()
+
     def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(60)
+        if self.path.startswith("/login"):
+            body = b"welcome\n"
+            self.send_response(200)
+            self.send_header("Set-Cookie", "session=SECRET-SET-COOKIE-77; HttpOnly")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path.startswith("/fail"):
             self.answer(500, b"failed\n")
             return
@@ -53,6 +71,7 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--next")
     p.add_argument("--forward", action="store_true")
+    p.add_argument("--token")
     ARGS = p.parse_args()
     Server(("127.0.0.1", ARGS.port), Handler).serve_forever()
 

@@ -169,7 +169,16 @@ impl Receiver {
         self.store.2.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A receiver whose gRPC endpoint is `grpc` (to come back on the same address).
+    pub fn start_on(grpc: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_at(false, grpc)
+    }
+
     fn start_with(count_only: bool) -> anyhow::Result<Self> {
+        Self::start_at(count_only, "127.0.0.1:0".parse()?)
+    }
+
+    fn start_at(count_only: bool, grpc_addr: SocketAddr) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -179,7 +188,7 @@ impl Receiver {
             ..Store::default()
         };
         let (grpc, http) = runtime.block_on(async {
-            let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let grpc_listener = tokio::net::TcpListener::bind(grpc_addr).await?;
             let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             anyhow::Ok((grpc_listener, http_listener))
         })?;

@@ -12,6 +12,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "golang-go",
     "curl",
     "iproute2",
+    "wrk",
+    "bpftool",
 ];
 
 pub fn all() -> anyhow::Result<()> {

@@ -110,6 +110,9 @@ pub struct Exchange<'a> {
     pub remote: SocketAddr,
     pub request_body: u64,
     pub response_body: u64,
+    /// Replace query parameter values with `REDACTED` (the default; `--keep-query-values`
+    /// turns it off).
+    pub redact_query: bool,
 }
 
 /// Span status: `Some(description)` marks an error.
@@ -149,7 +152,13 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
     } else {
         split_target(&req.target)
     };
-    let query = query.map(redact_query);
+    let query = query.map(|q| {
+        if ex.redact_query {
+            redact_query(q)
+        } else {
+            q.to_string()
+        }
+    });
     let host = req.header("host").map(split_host);
     let (server_address, server_port) = match (&host, ex.side) {
         (Some((h, p)), Side::Client) => (h.clone(), p.unwrap_or(ex.remote.port())),

@@ -446,7 +446,7 @@ impl Stream {
                         }
                         Parsed::Partial => {
                             pos += take;
-                            if take < rest.len() {
+                            if take < rest.len() || buf.len() >= MAX_HEAD {
                                 self.stats.oversized += 1;
                                 self.state = State::Lost { open: None };
                                 break;

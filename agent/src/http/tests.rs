@@ -487,6 +487,7 @@ fn exchange<'a>(side: Side, req: &'a Head, outcome: Outcome) -> Exchange<'a> {
         remote: "127.0.0.1:50000".parse().unwrap(),
         request_body: 0,
         response_body: 12,
+        redact_query: true,
     }
 }
 
@@ -614,4 +615,17 @@ fn random_input_never_panics_and_messages_stay_ordered() {
             }
         }
     }
+}
+
+#[test]
+fn query_values_are_kept_only_when_asked() {
+    let mut req = head_with(&[]);
+    req.target = "/p?q=secret".into();
+    let mut ex = exchange(Side::Server, &req, Outcome::Response(200));
+    ex.redact_query = false;
+    let a = attributes::attributes(&ex);
+    assert_eq!(
+        attr(&a, "url.query").cloned(),
+        Some(Value::Str("q=secret".into()))
+    );
 }

@@ -37,31 +37,57 @@ const SECRET_WORDS: &[&str] = &[
     "credential",
     "authorization",
     "private",
+    "cookie",
+    "bearer",
+    "auth",
 ];
+
+/// Options whose next argument is a credential when it is `user:password` (`curl -u a:b`);
+/// `python -u script.py` keeps its script.
+const CREDENTIAL_OPTIONS: &[&str] = &["-u", "--user", "-U", "--proxy-user"];
 
 fn is_secret_name(s: &str) -> bool {
     let s = s.to_ascii_lowercase();
     SECRET_WORDS.iter().any(|w| s.contains(w))
 }
 
+/// Redacts one argument: `name=value`, `Name: value` (a header given to curl or wget) and
+/// `Bearer value` keep their name and lose their value when the name looks secret.
+fn redact_arg(a: &str) -> Option<String> {
+    let sep = a.find(['=', ':']);
+    if let Some(i) = sep
+        && is_secret_name(&a[..i])
+    {
+        return Some(format!("{}REDACTED", &a[..=i]));
+    }
+    if a.to_ascii_lowercase().contains("bearer ") {
+        return Some("REDACTED".into());
+    }
+    None
+}
+
 /// Joins argv with spaces, replacing the values of secret-looking options (`--password=x`,
-/// `--token x`, `PASSWORD=x`) with `REDACTED`.
+/// `--token x`, `PASSWORD=x`, `-H 'Authorization: Bearer x'`, `-u user:pass`) with `REDACTED`.
 pub fn redact_command_line(args: &[String]) -> String {
     let mut out = Vec::with_capacity(args.len());
     let mut hide_next = false;
+    let mut hide_next_pair = false;
     for a in args {
-        if hide_next {
-            out.push("REDACTED".to_string());
+        if hide_next || (hide_next_pair && a.contains(':')) {
             hide_next = false;
+            hide_next_pair = false;
+            out.push(redact_arg(a).unwrap_or_else(|| "REDACTED".to_string()));
             continue;
         }
-        if let Some((k, _)) = a.split_once('=') {
-            if is_secret_name(k) {
-                out.push(format!("{k}=REDACTED"));
-                continue;
-            }
-        } else if a.starts_with('-') && is_secret_name(a) {
+        hide_next_pair = false;
+        if let Some(r) = redact_arg(a) {
+            out.push(r);
+            continue;
+        }
+        if a.starts_with('-') && is_secret_name(a) {
             hide_next = true;
+        } else if CREDENTIAL_OPTIONS.contains(&a.as_str()) {
+            hide_next_pair = true;
         }
         out.push(a.clone());
     }
@@ -386,6 +412,30 @@ mod tests {
         assert_eq!(
             redact_command_line(&args),
             "app --password REDACTED --db-token=REDACTED API_KEY=REDACTED --port 80"
+        );
+        let curl: Vec<String> = [
+            "curl",
+            "-H",
+            "Authorization: Bearer abc",
+            "-H",
+            "Cookie: sid=xyz",
+            "-H",
+            "Accept: */*",
+            "-u",
+            "me:pw",
+            "http://h/p",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let python: Vec<String> = ["python3", "-u", "app.py", "--port", "80"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(redact_command_line(&python), "python3 -u app.py --port 80");
+        assert_eq!(
+            redact_command_line(&curl),
+            "curl -H Authorization:REDACTED -H Cookie:REDACTED -H Accept: */* -u REDACTED http://h/p"
         );
     }
 

@@ -60,8 +60,8 @@ const MAX_FINISHED: usize = 16_384;
 const IDLE_CONNECTION: Duration = Duration::from_secs(600);
 /// Requests waiting for responses on one connection (pipelining depth).
 const MAX_PENDING: usize = 256;
-/// Connections tracked at once; more are counted and ignored.
-const MAX_CONNECTIONS: usize = 262_144;
+/// Connections tracked at once by default; more are counted and ignored.
+pub const MAX_CONNECTIONS: usize = 262_144;
 
 /// How a span's parent was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +123,21 @@ pub struct Stats {
     pub orphan_continuations: u64,
     /// OTLP export requests seen (never made into spans).
     pub telemetry_requests: u64,
+    /// Requests in progress when their process exited (ended as cut-off error spans).
+    pub process_exits: u64,
+}
+
+/// Whether `pid` is running: it has a /proc entry and is not a zombie (a killed process whose
+/// parent has not reaped it yet has closed its sockets already).
+fn process_alive(proc_root: &std::path::Path, pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | Some("x"))
 }
 
 /// An OTLP/HTTP export request (`POST /v1/traces`, `/v1/metrics`, `/v1/logs`).
@@ -196,6 +211,8 @@ struct Conn {
     /// The far end is wirespan: nothing here is traced.
     own: bool,
     last_seen: Instant,
+    /// Kernel time of the connection's last event.
+    last_ts: u64,
 }
 
 #[derive(Debug, Default)]
@@ -252,6 +269,10 @@ pub struct Stitcher {
     /// A coarse clock, advanced by `tick`: reading the clock per event costs more than the
     /// precision is worth for expiry.
     now: Instant,
+    /// Replace query values with `REDACTED` (default true).
+    pub redact_query: bool,
+    /// Connections tracked at once; more are counted (`connections_dropped`) and ignored.
+    pub max_connections: usize,
     pub stats: Stats,
 }
 
@@ -276,6 +297,8 @@ impl Stitcher {
             rng: fastrand::Rng::new(),
             last_prune: Instant::now(),
             now: Instant::now(),
+            redact_query: true,
+            max_connections: MAX_CONNECTIONS,
             stats: Stats::default(),
         }
     }
@@ -417,6 +440,7 @@ impl Stitcher {
                     return;
                 };
                 conn.last_seen = self.now;
+                conn.last_ts = h.ts_ns;
                 if !conn.own {
                     self.data(&mut conn, ev, dir, out);
                 }
@@ -432,7 +456,7 @@ impl Stitcher {
     }
 
     fn new_conn(&mut self, ev: &SocketEvent<'_>, side: Option<Side>, from_start: bool) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             self.stats.connections_dropped += 1;
             return;
         }
@@ -466,6 +490,7 @@ impl Stitcher {
                 pending: VecDeque::new(),
                 own,
                 last_seen: self.now,
+                last_ts: ev.header.ts_ns,
             },
         );
     }
@@ -794,6 +819,7 @@ impl Stitcher {
             remote: conn.remote,
             request_body: p.request_body,
             response_body,
+            redact_query: self.redact_query,
         };
         let attrs = attributes::attributes(&ex);
         let error = attributes::error(&ex);
@@ -1005,6 +1031,27 @@ impl Stitcher {
         let nodes = &self.nodes;
         self.threads
             .retain(|_, t| t.multiplexed || t.active.is_some_and(|a| nodes.contains_key(&a)));
+        // A process that exited closed its sockets without a close syscall: its requests in
+        // progress end as cut-off error spans at the connection's last event.
+        let mut alive: HashMap<u32, bool> = HashMap::default();
+        let root = &self.proc_root;
+        let exited: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !*alive
+                    .entry(c.pid)
+                    .or_insert_with(|| process_alive(root, c.pid))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in exited {
+            if let Some(c) = self.conns.remove(&id) {
+                self.stats.process_exits += c.pending.len() as u64;
+                let ts = c.last_ts;
+                self.close_conn(c, ts, out);
+            }
+        }
         let mut closed = Vec::new();
         for (id, c) in &self.conns {
             if now.duration_since(c.last_seen) > IDLE_CONNECTION {
