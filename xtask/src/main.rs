@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint | bench | screenshot`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | fuzz | bench | screenshot`.
 //!
 //! `run` and `test` set up what is missing first, so that on a fresh Debian 12 machine (root)
 //! each is the only command needed.
 
 mod bench;
+mod fuzz;
 mod screenshot;
 mod setup;
 
@@ -40,6 +41,14 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings for the host crates and the kernel crate.
     Lint,
+    /// Run the libFuzzer targets in fuzz/ (installs cargo-fuzz if missing).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (http_framing, trace_context, event_decode, stitcher).
+        target: Option<String>,
+    },
     /// Measure what wirespan costs traced applications (nginx at saturation, a realistic
     /// service at a fixed rate, eBPF time, agent CPU and memory); `--soak SECS` for a long run.
     Bench(bench::BenchArgs),
@@ -73,11 +82,23 @@ fn main() -> anyhow::Result<()> {
             setup::all()?;
             build()?;
             lint()?;
+            if filter.is_none() {
+                // Every fuzz target briefly; `cargo xtask fuzz` runs them long.
+                fuzz::run(&root(), fuzz::TARGETS, 10)?;
+            }
             test(filter.as_deref())
         }
         Task::Lint => {
             setup::all()?;
             lint()
+        }
+        Task::Fuzz { seconds, target } => {
+            setup::all()?;
+            let targets: Vec<&str> = match &target {
+                Some(t) => vec![t.as_str()],
+                None => fuzz::TARGETS.to_vec(),
+            };
+            fuzz::run(&root(), &targets, seconds).map(|_| ())
         }
         Task::Bench(args) => {
             setup::all()?;
