@@ -250,6 +250,11 @@ fn malformed_http_is_counted_and_the_agent_keeps_working() {
             &["--close-after-send"],
         ),
         (
+            "bare LF line endings",
+            b"GET /barelf HTTP/1.1\nHost: x\n\n".to_vec(),
+            &[],
+        ),
+        (
             "conflicting lengths",
             b"POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
             &[],
@@ -287,6 +292,14 @@ fn malformed_http_is_counted_and_the_agent_keeps_working() {
         }
     }
     assert!(paths.contains(&"/after"), "{nginx_spans:#?}");
+    // Bare LF line endings are tolerated by nginx and by httparse alike: a real exchange, and
+    // its span says what nginx answered.
+    for s in nginx_spans
+        .iter()
+        .filter(|s| s.attr("url.path") == Some("/barelf"))
+    {
+        assert_eq!(s.attr("http.response.status_code"), Some("200"), "{s:#?}");
+    }
     // nginx's `return 200` answers before reading a body, so the request closed mid-body got a
     // real 200: its span says so (a request cut off before any answer is an error span, see
     // traced_server_killed_mid_request_ends_as_an_error_span).
@@ -504,6 +517,16 @@ fn connection_table_is_bounded_and_evictions_are_counted() {
     )
     .unwrap();
     let agent = SpanAgent::start(&["--no-export", "--max-connections", "100"]).unwrap();
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let before = rss(agent.pid());
     // 500 connections held open at once (both ends are traced: 1,000 sockets).
     let conns: Vec<std::net::TcpStream> = (0..500)
         .map(|_| {
@@ -513,8 +536,50 @@ fn connection_table_is_bounded_and_evictions_are_counted() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
+    let during = rss(agent.pid());
     drop(conns);
     let (_, log) = agent.stop().unwrap();
     let s = summary(&log);
     assert!(counter(&s, "connections not tracked") >= 800, "{s}");
+    // 1,000 sockets beyond the limit cost no per-connection state.
+    assert!(
+        during < before + 8 * 1024,
+        "RSS grew from {before} KiB to {during} KiB"
+    );
+}
+
+#[test]
+fn a_response_nobody_asked_for_makes_no_span() {
+    require_privileges!();
+    let port = free_port();
+    let _banner = service(
+        "banner",
+        port,
+        Command::new("python3")
+            .arg(program("banner_server.py"))
+            .arg(port.to_string()),
+    )
+    .unwrap();
+    let receiver = Receiver::start().unwrap();
+    let endpoint = format!("http://{}", receiver.grpc);
+    let agent =
+        SpanAgent::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]).unwrap();
+    for _ in 0..3 {
+        let got = raw(port, b"", &["--wait", "0.5"]);
+        assert!(got.starts_with(b"HTTP/1.1 200 OK"), "{got:?}");
+    }
+    let (_, log) = agent.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let spans = receiver.spans();
+    let p = port.to_string();
+    let false_spans: Vec<&Span> = spans
+        .iter()
+        .filter(|s| {
+            s.service() == "banner"
+                || s.attr("server.port") == Some(p.as_str())
+                || s.attr("network.peer.port") == Some(p.as_str())
+        })
+        .collect();
+    assert!(false_spans.is_empty(), "{false_spans:#?}");
+    summary(&log);
 }
