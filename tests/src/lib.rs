@@ -565,6 +565,17 @@ pub fn service(name: &str, port: u16, cmd: &mut Command) -> anyhow::Result<Proc>
     Ok(proc)
 }
 
+/// A tests/programs script run as `python3 SCRIPT PORT`, named `name`.
+pub fn python_script(name: &str, port: u16, script: &str) -> anyhow::Result<Proc> {
+    service(
+        name,
+        port,
+        Command::new("python3")
+            .arg(program(script))
+            .arg(port.to_string()),
+    )
+}
+
 /// tests/programs/chain.py on `port`, calling `next` if given.
 pub fn chain_python(name: &str, port: u16, next: Option<&str>) -> anyhow::Result<Proc> {
     let mut cmd = Command::new("python3");

@@ -10,7 +10,7 @@ use std::{
 use wirespan_tests::{
     Proc, SpanAgent, TempDir, chain_python, curl, free_port, nginx,
     otlp::{Receiver, Span},
-    program, require_privileges, service,
+    program, python_script, require_privileges, service,
 };
 
 /// tests/programs/raw_client.py: sends `bytes`, returns what came back.
@@ -171,18 +171,9 @@ fn query_values_are_exported_only_with_the_explicit_opt_out() {
 fn non_http_traffic_is_untouched_and_makes_no_spans() {
     require_privileges!();
     let port = free_port();
-    let _echo = service(
-        "echo",
-        port,
-        Command::new("python3")
-            .arg(program("echo_server.py"))
-            .arg(port.to_string()),
-    )
-    .unwrap();
+    let _echo = python_script("echo", port, "echo_server.py").unwrap();
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent =
-        SpanAgent::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]).unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
     let mut rng = 0x2545f4914f6cdd1du64;
     let random: Vec<u8> = (0..65536)
         .map(|_| {
@@ -223,9 +214,7 @@ fn malformed_http_is_counted_and_the_agent_keeps_working() {
     let port = free_port();
     let _nginx = nginx(port, &dir.0).unwrap();
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent =
-        SpanAgent::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]).unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
     let mut huge = b"GET /huge HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 1 << 20));
     huge.extend_from_slice(b"\r\n\r\n");
@@ -363,9 +352,7 @@ fn traced_server_killed_mid_request_ends_as_an_error_span() {
     let port = free_port();
     let server = chain_python("doomed", port, None).unwrap();
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent =
-        SpanAgent::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]).unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
     let client = std::thread::spawn(move || {
         let _ = Command::new("curl")
             .args([
@@ -447,9 +434,7 @@ fn sigkill_leaves_no_programs_and_a_restart_picks_up_open_connections() {
     }
     assert_eq!(wirespan_programs(), before, "programs left after SIGKILL");
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent =
-        SpanAgent::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]).unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
     assert_eq!(wirespan_programs(), before + ours, "no programs piled up");
     client.resume().unwrap();
     client.report(connected).unwrap();
@@ -508,14 +493,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
 fn connection_table_is_bounded_and_evictions_are_counted() {
     require_privileges!();
     let port = free_port();
-    let _echo: Proc = service(
-        "echo",
-        port,
-        Command::new("python3")
-            .arg(program("echo_server.py"))
-            .arg(port.to_string()),
-    )
-    .unwrap();
+    let _echo: Proc = python_script("echo", port, "echo_server.py").unwrap();
     let agent = SpanAgent::start(&["--no-export", "--max-connections", "100"]).unwrap();
     let rss = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -552,25 +530,25 @@ fn connection_table_is_bounded_and_evictions_are_counted() {
 fn a_response_nobody_asked_for_makes_no_span() {
     require_privileges!();
     let port = free_port();
-    let _banner = service(
-        "banner",
-        port,
-        Command::new("python3")
-            .arg(program("banner_server.py"))
-            .arg(port.to_string()),
-    )
-    .unwrap();
+    let _banner = python_script("banner", port, "banner_server.py").unwrap();
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent =
-        SpanAgent::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"]).unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
     for _ in 0..3 {
         let got = raw(port, b"", &["--wait", "0.5"]);
         assert!(got.starts_with(b"HTTP/1.1 200 OK"), "{got:?}");
     }
+    // Positive control: a real exchange during the same run is a span.
+    let real = free_port();
+    let _real = chain_python("realone", real, None).unwrap();
+    curl(&[&format!("http://127.0.0.1:{real}/real")]).unwrap();
     let (_, log) = agent.stop().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let spans = receiver.spans();
+    let spans = receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter().any(|s| s.service() == "realone")
+    });
+    assert!(
+        spans.iter().any(|s| s.service() == "realone"),
+        "the agent saw nothing: {spans:#?}"
+    );
     let p = port.to_string();
     let false_spans: Vec<&Span> = spans
         .iter()

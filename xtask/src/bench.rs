@@ -723,7 +723,6 @@ fn machine() -> Value {
 }
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    crate::setup::bench_tools()?;
     crate::run(Command::new("cargo").args([
         "build",
         "--release",

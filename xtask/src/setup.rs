@@ -212,31 +212,6 @@ pub fn chromium() -> anyhow::Result<()> {
     )
 }
 
-/// Debian's wrk (load) and bpftool (the kernel's per-program run time), for
-/// `cargo xtask bench` only.
-pub fn bench_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("wrk", "wrk"), ("bpftool", "bpftool")]
-        .into_iter()
-        .filter(|(cmd, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {cmd}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, pkg)| pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    crate::run(Command::new("apt-get").arg("update").arg("-q"))?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -411,21 +411,18 @@ impl Stream {
                                 None => State::Lost {
                                     open: Some((ts, 0)),
                                 },
-                                Some(Body::None) => {
+                                Some(b @ (Body::None | Body::Tunnel)) => {
+                                    // No body: the message ends with its head.
                                     out.push(Output::End {
                                         ts,
                                         body_bytes: 0,
                                         complete: true,
                                     });
-                                    State::Idle
-                                }
-                                Some(Body::Tunnel) => {
-                                    out.push(Output::End {
-                                        ts,
-                                        body_bytes: 0,
-                                        complete: true,
-                                    });
-                                    State::Tunnel
+                                    if b == Body::Tunnel {
+                                        State::Tunnel
+                                    } else {
+                                        State::Idle
+                                    }
                                 }
                                 Some(Body::Length(n)) => State::Body {
                                     mode: BodyState::Length(n),

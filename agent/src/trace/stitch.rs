@@ -303,16 +303,6 @@ impl Stitcher {
         }
     }
 
-    /// Connections currently tracked.
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Processes currently known.
-    pub fn processes(&self) -> usize {
-        self.procs.len()
-    }
-
     /// Sizes of the internal tables: connections, processes, spans remembered, client spans by
     /// connection, threads, spans waiting for their peer.
     pub fn table_sizes(&self) -> [usize; 6] {
@@ -833,10 +823,8 @@ impl Stitcher {
         {
             t.active = None;
         }
-        let info = match self.procs.get(&conn.pid) {
-            Some(proc) => proc.info.clone(),
-            None => Arc::new(ProcessInfo::read(&self.proc_root, conn.pid, "")),
-        };
+        // Known since the connection's first event (`event_whole` registers the process).
+        let info = self.proc(conn.pid, "").info.clone();
         let span = Span {
             trace_id: [0; 16],
             span_id: p.id,
