@@ -16,15 +16,17 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::procs::{Started, free_port, start, wait_port};
 use serde_json::{Value, json};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -51,71 +53,6 @@ pub struct BenchArgs {
     /// Where the JSON results go (default target/bench.json).
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-/// A child stopped by its PID (SIGINT, then SIGKILL) when dropped.
-struct Started {
-    child: Child,
-    name: String,
-}
-
-impl Started {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGINT and wait; returns the stderr lines if they were collected.
-    fn stop(&mut self) {
-        // SAFETY: signalling our own child by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        eprintln!("xtask: {} did not stop on SIGINT, killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.stop();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(port: u16) -> anyhow::Result<()> {
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after 30 s");
-        }
-        sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn start(name: &str, cmd: &mut Command) -> anyhow::Result<Started> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Started {
-        child,
-        name: name.into(),
-    })
 }
 
 /// The counting OTLP receiver.

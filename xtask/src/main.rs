@@ -5,6 +5,7 @@
 
 mod bench;
 mod fuzz;
+mod procs;
 mod screenshot;
 mod setup;
 

@@ -7,57 +7,18 @@
 //! starts is stopped by its PID at the end.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
-/// A child stopped (SIGTERM, then SIGKILL) when dropped.
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child we spawned, by its PID.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(port: u16) -> anyhow::Result<()> {
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after 30 s");
-        }
-        sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
+use crate::procs::{Started, free_port, start, wait_port};
 
 fn spawn(name: &str, cmd: &mut Command, port: u16) -> anyhow::Result<Started> {
-    let child = cmd
-        .env("OTEL_SERVICE_NAME", name)
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let s = Started(child);
+    let s = start(name, cmd.env("OTEL_SERVICE_NAME", name))?;
     wait_port(port)?;
     Ok(s)
 }
@@ -120,7 +81,10 @@ pub fn run(root: &Path, out: &Path) -> anyhow::Result<()> {
         .spawn()
         .context("starting wirespan")?;
     let stderr = agent.stderr.take().context("piped stderr")?;
-    let _agent = Started(agent);
+    let _agent = Started {
+        child: agent,
+        name: "wirespan".into(),
+    };
     // The UI listens before the probes attach: wait for the agent to say it is ready.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
