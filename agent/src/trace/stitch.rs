@@ -254,7 +254,9 @@ struct Deferred {
 pub struct Stitcher {
     clock: WallClock,
     proc_root: PathBuf,
-    conns: HashMap<u64, Conn>,
+    /// Boxed: a connection is taken out of the map for each of its events (its handling needs
+    /// the rest of `self`), and moving a pointer is cheaper than moving two stream states.
+    conns: HashMap<u64, Box<Conn>>,
     nodes: HashMap<SpanId, Node>,
     clients: HashMap<PeerKey, SpanId>,
     threads: HashMap<u32, ThreadState>,
@@ -469,7 +471,7 @@ impl Stitcher {
         }
         self.conns.insert(
             ev.header.conn_id,
-            Conn {
+            Box::new(Conn {
                 pid: ev.header.pid,
                 side,
                 from_start,
@@ -481,7 +483,7 @@ impl Stitcher {
                 own,
                 last_seen: self.now,
                 last_ts: ev.header.ts_ns,
-            },
+            }),
         );
     }
 
@@ -744,7 +746,7 @@ impl Stitcher {
         }
     }
 
-    fn close_conn(&mut self, mut conn: Conn, ts: u64, out: &mut Vec<Span>) {
+    fn close_conn(&mut self, mut conn: Box<Conn>, ts: u64, out: &mut Vec<Span>) {
         if conn.own {
             return;
         }
