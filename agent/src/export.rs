@@ -48,8 +48,10 @@ pub enum Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtlpConfig {
     pub protocol: OtlpProtocol,
-    /// Base endpoint (as `OTEL_EXPORTER_OTLP_ENDPOINT`); `None` leaves it to the environment.
+    /// Base endpoint (as `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub endpoint: Option<String>,
+    /// Full traces URL (as `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); wins over `endpoint`.
+    pub traces_endpoint: Option<String>,
     pub timeout: Option<Duration>,
 }
 
@@ -62,6 +64,13 @@ pub enum OtlpProtocol {
 }
 
 impl OtlpProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        }
+    }
+
     /// The protocol named by `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` (the first set wins).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Self>> {
@@ -141,6 +150,7 @@ pub struct Exporter {
 impl Exporter {
     /// Starts the export task (and, for the embedded target, the UI server).
     pub async fn start(target: Target, batching: Batching) -> anyhow::Result<Self> {
+        crate::k8s::install_crypto_provider();
         let stats = Arc::new(ExportStats::default());
         let sink = match target {
             Target::Discard => {
@@ -229,7 +239,7 @@ fn build_otlp(
             let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_protocol(Protocol::Grpc);
-            if let Some(e) = &cfg.endpoint {
+            if let Some(e) = cfg.traces_endpoint.as_ref().or(cfg.endpoint.as_ref()) {
                 b = b.with_endpoint(e.clone());
             }
             if cfg.timeout.is_some() {
@@ -241,7 +251,9 @@ fn build_otlp(
             let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(Protocol::HttpBinary);
-            if let Some(e) = &cfg.endpoint {
+            if let Some(e) = &cfg.traces_endpoint {
+                b = b.with_endpoint(e.clone());
+            } else if let Some(e) = &cfg.endpoint {
                 // A base endpoint, like OTEL_EXPORTER_OTLP_ENDPOINT: the signal path is added.
                 b = b.with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/')));
             }
@@ -527,6 +539,7 @@ mod tests {
                 protocol: OtlpProtocol::HttpProtobuf,
                 // Nothing listens here; exports fail and are counted, never block the sender.
                 endpoint: Some("http://127.0.0.1:9".into()),
+                traces_endpoint: None,
                 timeout: Some(Duration::from_millis(200)),
             }),
             Batching {
@@ -545,8 +558,7 @@ mod tests {
             executable_name: "s".into(),
             executable_path: String::new(),
             command_line: String::new(),
-            extra: Vec::new(),
-            go: false,
+            ..Default::default()
         });
         for i in 0..10u8 {
             exporter.send(Span {

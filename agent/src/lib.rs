@@ -8,7 +8,13 @@
 
 pub mod capture;
 pub mod clock;
+pub mod config;
 pub mod export;
 pub mod http;
+pub mod identity;
+pub mod k8s;
+pub mod ops;
 pub mod print;
+pub mod sampling;
+pub mod select;
 pub mod trace;

@@ -217,7 +217,13 @@ fn spawn_ready(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.starts_with("wirespan: ready") => break,
+            // Text logs, or JSON ones (`--log-format json`) carrying the same line.
+            Ok(line)
+                if line.starts_with("wirespan: ready")
+                    || line.contains("\"message\":\"wirespan: ready") =>
+            {
+                break;
+            }
             Ok(line) if line.starts_with("wirespan: cannot") || line.starts_with("Error") => {
                 bail!("{line}")
             }
@@ -539,11 +545,23 @@ impl SpanAgent {
 
     /// Stops the agent with SIGINT (it flushes its spans first); returns the `--log-spans`
     /// lines and the closing stderr lines.
-    pub fn stop(mut self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    pub fn stop(self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        let (_, out, err) = self.stop_with(libc::SIGINT)?;
+        Ok((out, err))
+    }
+
+    /// Stops the agent with `signal`; returns how long it took to exit after the signal, the
+    /// `--log-spans` lines and the closing stderr lines.
+    pub fn stop_with(
+        mut self,
+        signal: i32,
+    ) -> anyhow::Result<(Duration, Vec<String>, Vec<String>)> {
         // Events are in the ring buffer when the syscall returns; give the reader a moment.
         std::thread::sleep(Duration::from_millis(300));
-        self.proc.signal(libc::SIGINT);
+        let sent = Instant::now();
+        self.proc.signal(signal);
         let status = self.proc.child.wait()?;
+        let took = sent.elapsed();
         if !status.success() {
             bail!("wirespan exited with {status}");
         }
@@ -553,7 +571,9 @@ impl SpanAgent {
             .expect("stop is called once")
             .join()
             .map_err(|_| anyhow!("stdout reader panicked"))?;
-        Ok((lines, self.stderr.try_iter().collect()))
+        // The stderr reader ends with the process; collect what it has.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok((took, lines, self.stderr.try_iter().collect()))
     }
 }
 
@@ -647,4 +667,42 @@ pub fn sdk_python(name: &str, port: u16, next: Option<&str>, otlp: &str) -> anyh
         cmd.env("NEXT", n);
     }
     service(name, port, &mut cmd)
+}
+
+/// wirespan's kernel programs loaded now, as bpftool lists them.
+pub fn wirespan_programs() -> usize {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    v.as_array()
+        .expect("a list of programs")
+        .iter()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sock_enter_") || n.starts_with("sock_exit_"))
+        })
+        .count()
+}
+
+/// tests/programs/load_client.py: `n` GET requests to `url` on one keep-alive connection;
+/// returns the statuses it got.
+pub fn load_client(url: &str, n: usize) -> anyhow::Result<Vec<u16>> {
+    let out = Command::new("python3")
+        .arg(program("load_client.py"))
+        .args([url, &n.to_string()])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "load_client: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect())
 }

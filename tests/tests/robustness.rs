@@ -10,7 +10,7 @@ use std::{
 use wirespan_tests::{
     Proc, SpanAgent, TempDir, chain_python, curl, free_port, nginx,
     otlp::{Receiver, Span},
-    program, python_script, require_privileges, service,
+    program, python_script, require_privileges, service, wirespan_programs,
 };
 
 /// tests/programs/raw_client.py: sends `bytes`, returns what came back.
@@ -384,23 +384,6 @@ fn traced_server_killed_mid_request_ends_as_an_error_span() {
     assert_eq!(client_spans.len(), 1);
     assert!(client_spans[0].error);
     assert!(counter(&summary(&log), "cut off by their process exiting") >= 1);
-}
-
-fn wirespan_programs() -> usize {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| {
-            p["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("sock_enter_") || n.starts_with("sock_exit_"))
-        })
-        .count()
 }
 
 #[test]

@@ -72,7 +72,8 @@ fn one_service_in_each_of_five_runtimes() {
         let servers = of(&spans, name, "SERVER");
         assert_eq!(servers.len(), 1, "{name}: {spans:#?}");
         let s = servers[0];
-        assert_eq!(s.name, "GET");
+        assert_eq!(s.name, "GET /hello");
+        assert_eq!(s.attr("http.route"), Some("/hello"));
         assert_eq!(s.attr("http.request.method"), Some("GET"));
         assert_eq!(s.attr("url.path"), Some("/hello"));
         assert_eq!(s.attr("url.query"), Some("user=REDACTED"));

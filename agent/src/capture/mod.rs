@@ -105,6 +105,7 @@ pub struct Capture {
     events: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pid_filter: Option<PidFilter>,
     pub attached: Vec<Probe>,
     pub failures: Vec<AttachFailure>,
 }
@@ -214,6 +215,9 @@ impl Capture {
 
         let events = take_map(&mut ebpf, names::EVENTS)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
+        let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
+            .map(|map| PidFilter { map })
+            .ok();
         // Parsing BTF and the object took memory that is free now; give it back to the system
         // so the agent's resident size is its steady state, not its start-up.
         // SAFETY: malloc_trim has no preconditions.
@@ -223,9 +227,15 @@ impl Capture {
             events,
             lost,
             logger,
+            pid_filter,
             attached,
             failures,
         })
+    }
+
+    /// The kernel's pid filter, for the process selector (once).
+    pub fn take_pid_filter(&mut self) -> Option<PidFilter> {
+        self.pid_filter.take()
     }
 
     /// Kernel-side losses so far.
@@ -296,6 +306,30 @@ impl Capture {
         let total = read_lost(&lost);
         sink.idle(&total);
         Ok(total)
+    }
+}
+
+/// The kernel's per-process filter: a process written in as ignored costs one map lookup per
+/// socket call and sends nothing.
+pub struct PidFilter {
+    map: HashMap<MapData, u32, u32>,
+}
+
+impl PidFilter {
+    /// Stops tracing a process in the kernel. False when the map is full.
+    pub fn ignore(&mut self, pid: u32) -> bool {
+        match self.map.insert(pid, pid_filter::IGNORE, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("pid filter: {pid} not written: {e}");
+                false
+            }
+        }
+    }
+
+    /// Removes a process's entry (it exited).
+    pub fn forget(&mut self, pid: u32) {
+        let _ = self.map.remove(&pid);
     }
 }
 

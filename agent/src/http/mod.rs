@@ -4,6 +4,7 @@
 pub mod attributes;
 pub mod context;
 pub mod framing;
+pub mod routes;
 
 #[cfg(test)]
 mod tests;

@@ -6,13 +6,17 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use crate::http::attributes::Value;
+use crate::{
+    http::attributes::Value,
+    identity::{self, Pod, Pods},
+};
 
 /// Resource attributes and runtime facts of one process.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub service_name: String,
@@ -23,6 +27,13 @@ pub struct ProcessInfo {
     pub extra: Vec<(String, String)>,
     /// A Go binary: goroutines move between threads, so threads say nothing about requests.
     pub go: bool,
+    /// From the process's cgroup.
+    pub container_id: Option<String>,
+    /// The process's Kubernetes pod and container, when metadata is on and the pod is known.
+    pub pod: Option<Arc<Pod>>,
+    pub container_name: Option<String>,
+    /// In a pod that the metadata watcher has not reported yet: read again later.
+    pub k8s_pending: bool,
 }
 
 /// Words that mark a command-line argument (or the value after it) as a secret.
@@ -125,21 +136,19 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The service name rule: `OTEL_SERVICE_NAME`, then `service.name` in
-/// `OTEL_RESOURCE_ATTRIBUTES`, then the executable's name.
-pub fn service_name(env: &[(String, String)], executable: &str) -> String {
+/// The service name the process gives itself: `OTEL_SERVICE_NAME`, then `service.name` in
+/// `OTEL_RESOURCE_ATTRIBUTES`.
+pub fn own_service_name(env: &[(String, String)]) -> Option<String> {
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     if let Some(n) = get("OTEL_SERVICE_NAME").filter(|n| !n.trim().is_empty()) {
-        return n.trim().to_string();
+        return Some(n.trim().to_string());
     }
-    if let Some(attrs) = get("OTEL_RESOURCE_ATTRIBUTES")
-        && let Some((_, v)) = parse_resource_attributes(attrs)
+    get("OTEL_RESOURCE_ATTRIBUTES").and_then(|attrs| {
+        parse_resource_attributes(attrs)
             .into_iter()
             .find(|(k, v)| k == "service.name" && !v.is_empty())
-    {
-        return v;
-    }
-    executable.to_string()
+            .map(|(_, v)| v)
+    })
 }
 
 fn read_nul_list(path: &Path) -> Vec<String> {
@@ -169,7 +178,8 @@ pub fn is_go_binary(path: &Path) -> bool {
 
 impl ProcessInfo {
     /// Reads /proc/PID. `comm` is the kernel's short name, used when /proc is gone already.
-    pub fn read(proc_root: &Path, pid: u32, comm: &str) -> Self {
+    /// `pods`: this node's pods, when Kubernetes metadata is on.
+    pub fn read(proc_root: &Path, pid: u32, comm: &str, pods: Option<&Pods>) -> Self {
         let dir = proc_root.join(pid.to_string());
         let exe: PathBuf = fs::read_link(dir.join("exe")).unwrap_or_default();
         let exe_path = exe
@@ -198,25 +208,46 @@ impl ProcessInfo {
             .filter(|(k, _)| k != "service.name")
             .collect();
         let args = read_nul_list(&dir.join("cmdline"));
+        let cgroup =
+            identity::cgroup_path(&fs::read_to_string(dir.join("cgroup")).unwrap_or_default());
+        let container_id = identity::container_id(&cgroup);
+        let pod_uid = identity::pod_uid(&cgroup);
+        let pod = pods.and_then(|p| p.find(container_id.as_deref(), pod_uid.as_deref()));
+        let container_name = match (&pod, &container_id) {
+            (Some(p), Some(id)) => p.container_name(id).map(str::to_string),
+            _ => None,
+        };
+        let k8s_pending = pods.is_some() && pod.is_none() && (pod_uid.is_some());
         Self {
             pid,
-            service_name: service_name(&env, &executable_name),
+            service_name: identity::service_name(
+                own_service_name(&env).as_deref(),
+                pod.as_deref(),
+                container_name.as_deref(),
+                &executable_name,
+            ),
             go: is_go_binary(&dir.join("exe")),
             executable_name,
             executable_path: exe_path,
             command_line: redact_command_line(&args),
             extra,
+            container_id,
+            pod,
+            container_name,
+            k8s_pending,
         }
     }
 
     /// The OTLP resource attributes.
     pub fn resource(&self, host_name: &str) -> Vec<(String, Value)> {
+        // The operator's instance id in a pod: namespace.pod.container.
+        let instance = match (&self.pod, &self.container_name) {
+            (Some(p), Some(c)) => format!("{}.{}.{c}", p.namespace, p.name),
+            _ => format!("{host_name}:{}", self.pid),
+        };
         let mut r: Vec<(String, Value)> = vec![
             ("service.name".into(), Value::Str(self.service_name.clone())),
-            (
-                "service.instance.id".into(),
-                Value::Str(format!("{host_name}:{}", self.pid)),
-            ),
+            ("service.instance.id".into(), Value::Str(instance)),
             ("process.pid".into(), Value::Int(self.pid as i64)),
             (
                 "process.executable.name".into(),
@@ -238,6 +269,16 @@ impl ProcessInfo {
                 Value::Str(env!("CARGO_PKG_VERSION").into()),
             ),
         ];
+        r.push(("host.arch".into(), Value::Str(host_arch().into())));
+        if let Some(id) = host_id() {
+            r.push(("host.id".into(), Value::Str(id.to_string())));
+        }
+        if let Some(id) = &self.container_id {
+            r.push(("container.id".into(), Value::Str(id.clone())));
+        }
+        if let Some(p) = &self.pod {
+            self.pod_resource(p, &mut r);
+        }
         for (k, v) in &self.extra {
             if !r.iter().any(|(n, _)| n == k) {
                 r.push((k.clone(), Value::Str(v.clone())));
@@ -245,6 +286,71 @@ impl ProcessInfo {
         }
         r
     }
+}
+
+impl ProcessInfo {
+    /// `k8s.*` attributes, `service.namespace`, and the pod's
+    /// `resource.opentelemetry.io/<attribute>` annotations (the operator's rule).
+    fn pod_resource(&self, p: &Pod, r: &mut Vec<(String, Value)>) {
+        let s = |v: &str| Value::Str(v.to_string());
+        let namespace = p
+            .annotation("resource.opentelemetry.io/service.namespace")
+            .unwrap_or(&p.namespace);
+        r.push(("service.namespace".into(), s(namespace)));
+        r.push(("k8s.namespace.name".into(), s(&p.namespace)));
+        r.push(("k8s.pod.name".into(), s(&p.name)));
+        r.push(("k8s.pod.uid".into(), s(&p.uid)));
+        if !p.node.is_empty() {
+            r.push(("k8s.node.name".into(), s(&p.node)));
+        }
+        if let Some(c) = &self.container_name {
+            r.push(("k8s.container.name".into(), s(c)));
+        }
+        if let Some((kind, name)) = &p.owner
+            && kind == "ReplicaSet"
+        {
+            r.push(("k8s.replicaset.name".into(), s(name)));
+        }
+        if let Some((kind, name)) = p.workload() {
+            r.push((format!("k8s.{kind}.name"), Value::Str(name)));
+        }
+        for (k, v) in &p.labels {
+            r.push((format!("k8s.pod.label.{k}"), s(v)));
+        }
+        for (k, v) in &p.annotations {
+            if let Some(attr) = k.strip_prefix("resource.opentelemetry.io/")
+                && attr != "service.name"
+                && attr != "service.namespace"
+                && !r.iter().any(|(n, _)| n == attr)
+            {
+                r.push((attr.to_string(), s(v)));
+            }
+        }
+    }
+}
+
+/// The machine's architecture by the semantic conventions' names.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "x86",
+        "powerpc64" => "ppc64",
+        "s390x" => "s390x",
+        other => other,
+    }
+}
+
+/// /etc/machine-id, read once.
+pub fn host_id() -> Option<&'static str> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/etc/machine-id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
 }
 
 /// This host's name, from the kernel.
@@ -370,29 +476,22 @@ mod tests {
     #[test]
     fn service_name_rules_in_order() {
         assert_eq!(
-            service_name(
-                &env(&[
-                    ("OTEL_SERVICE_NAME", "checkout"),
-                    ("OTEL_RESOURCE_ATTRIBUTES", "service.name=other")
-                ]),
-                "python3"
-            ),
-            "checkout"
+            own_service_name(&env(&[
+                ("OTEL_SERVICE_NAME", "checkout"),
+                ("OTEL_RESOURCE_ATTRIBUTES", "service.name=other")
+            ]))
+            .as_deref(),
+            Some("checkout")
         );
         assert_eq!(
-            service_name(
-                &env(&[(
-                    "OTEL_RESOURCE_ATTRIBUTES",
-                    "deployment.environment=prod,service.name=pay%20ments"
-                )]),
-                "java"
-            ),
-            "pay ments"
+            own_service_name(&env(&[(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod,service.name=pay%20ments"
+            )]))
+            .as_deref(),
+            Some("pay ments")
         );
-        assert_eq!(
-            service_name(&env(&[("OTEL_SERVICE_NAME", " ")]), "node"),
-            "node"
-        );
+        assert_eq!(own_service_name(&env(&[("OTEL_SERVICE_NAME", " ")])), None);
     }
 
     #[test]
@@ -471,7 +570,8 @@ mod tests {
             executable_path: "/bin/svc".into(),
             command_line: "svc".into(),
             extra: vec![("deployment.environment".into(), "prod".into())],
-            go: false,
+            container_id: Some("c0ffee".into()),
+            ..Default::default()
         };
         let r = info.resource("node1");
         let get = |k: &str| r.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -487,6 +587,59 @@ mod tests {
         assert_eq!(
             get("deployment.environment"),
             Some(Value::Str("prod".into()))
+        );
+        assert_eq!(get("container.id"), Some(Value::Str("c0ffee".into())));
+        assert_eq!(get("host.arch"), Some(Value::Str(host_arch().into())));
+        assert_eq!(get("k8s.pod.name"), None);
+    }
+
+    #[test]
+    fn pod_resource_by_the_operators_rules() {
+        let pod = Pod {
+            uid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+            name: "orders-7d9f8b6c5-x2x4q".into(),
+            namespace: "shop".into(),
+            node: "node1".into(),
+            labels: vec![("app.kubernetes.io/name".into(), "orders".into())],
+            annotations: vec![
+                (
+                    "resource.opentelemetry.io/deployment.environment".into(),
+                    "prod".into(),
+                ),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".into(),
+                    "{...}".into(),
+                ),
+            ],
+            owner: Some(("ReplicaSet".into(), "orders-7d9f8b6c5".into())),
+            containers: vec![("c0ffee".into(), "app".into())],
+        };
+        let info = ProcessInfo {
+            pid: 7,
+            service_name: "orders".into(),
+            container_id: Some("c0ffee".into()),
+            pod: Some(Arc::new(pod)),
+            container_name: Some("app".into()),
+            ..Default::default()
+        };
+        let r = info.resource("node1");
+        let get = |k: &str| r.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let s = |v: &str| Some(Value::Str(v.into()));
+        assert_eq!(
+            get("service.instance.id"),
+            s("shop.orders-7d9f8b6c5-x2x4q.app")
+        );
+        assert_eq!(get("service.namespace"), s("shop"));
+        assert_eq!(get("k8s.namespace.name"), s("shop"));
+        assert_eq!(get("k8s.deployment.name"), s("orders"));
+        assert_eq!(get("k8s.replicaset.name"), s("orders-7d9f8b6c5"));
+        assert_eq!(get("k8s.container.name"), s("app"));
+        assert_eq!(get("k8s.node.name"), s("node1"));
+        assert_eq!(get("k8s.pod.label.app.kubernetes.io/name"), s("orders"));
+        assert_eq!(get("deployment.environment"), s("prod"));
+        assert!(
+            !r.iter().any(|(k, _)| k.contains("last-applied")),
+            "only the operator's resource annotations"
         );
     }
 }

@@ -41,6 +41,12 @@ use crate::{
 };
 
 use super::process::{OwnSockets, ProcessInfo};
+use crate::{http::routes::Routes, identity::Pods, sampling::Sampler};
+
+/// Traces kept by the agent's own sampling rules, remembered at most.
+const MAX_KEPT_TRACES: usize = 4096;
+/// How long such a trace is remembered.
+const KEEP_TRACE: Duration = Duration::from_secs(30);
 
 /// Keys here are kernel ids and random span ids, not attacker-chosen strings: a fast hash.
 type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
@@ -110,10 +116,14 @@ pub struct Stats {
     pub http: framing::Stats,
     pub invalid_trace_headers: u64,
     pub spans: u64,
+    /// Of `spans`, server spans.
+    pub server_spans: u64,
     /// Spans not exported because the process is instrumented already.
     pub suppressed: u64,
     /// Spans not exported because their trace is not sampled.
     pub unsampled: u64,
+    /// Spans of unsampled traces kept by the agent's rules (errors, slow spans).
+    pub kept_by_rule: u64,
     /// Connections between a traced process and wirespan itself, ignored.
     pub own_connections: u64,
     pub connections_dropped: u64,
@@ -233,6 +243,8 @@ struct Proc {
     /// (Keys come from request headers: the standard, DoS-resistant hash.)
     received: std::collections::HashMap<(TraceId, SpanId), SpanId>,
     last_seen: Instant,
+    /// When `info` was read.
+    read_at: Instant,
 }
 
 /// A call whose later bytes are still arriving in `DataMore` records.
@@ -275,6 +287,13 @@ pub struct Stitcher {
     pub redact_query: bool,
     /// Connections tracked at once; more are counted (`connections_dropped`) and ignored.
     pub max_connections: usize,
+    pub sampler: Sampler,
+    /// Traces the agent's own rules kept a span of, and since when.
+    kept_traces: HashMap<TraceId, Instant>,
+    /// Span names and `http.route` / `url.template`.
+    pub routes: Routes,
+    /// Pods of this node, when Kubernetes metadata is on.
+    pub pods: Option<Arc<Pods>>,
     pub stats: Stats,
 }
 
@@ -301,6 +320,10 @@ impl Stitcher {
             now: Instant::now(),
             redact_query: true,
             max_connections: MAX_CONNECTIONS,
+            sampler: Sampler::default(),
+            kept_traces: HashMap::default(),
+            routes: Routes::default(),
+            pods: None,
             stats: Stats::default(),
         }
     }
@@ -339,14 +362,22 @@ impl Stitcher {
     fn proc(&mut self, pid: u32, comm: &str) -> &mut Proc {
         let root = &self.proc_root;
         let now = self.now;
+        let pods = self.pods.as_deref();
         let p = self.procs.entry(pid).or_insert_with(|| Proc {
-            info: Arc::new(ProcessInfo::read(root, pid, comm)),
+            info: Arc::new(ProcessInfo::read(root, pid, comm, pods)),
+            read_at: now,
             instrumented: false,
             cross_thread: false,
             received: std::collections::HashMap::new(),
             last_seen: now,
         });
         p.last_seen = now;
+        // A process in a pod the watcher had not reported yet is read again once a second,
+        // until its pod is known.
+        if p.info.k8s_pending && now.duration_since(p.read_at) >= Duration::from_secs(1) {
+            p.info = Arc::new(ProcessInfo::read(root, pid, &p.info.executable_name, pods));
+            p.read_at = now;
+        }
         p
     }
 
@@ -813,8 +844,19 @@ impl Stitcher {
             response_body,
             redact_query: self.redact_query,
         };
-        let attrs = attributes::attributes(&ex);
+        let mut attrs = attributes::attributes(&ex);
         let error = attributes::error(&ex);
+        let route = (p.head.method != "CONNECT").then(|| {
+            self.routes
+                .route(attributes::split_target(&p.head.target).0)
+        });
+        if let Some(r) = &route {
+            let key = match side {
+                Side::Server => "http.route",
+                Side::Client => "url.template",
+            };
+            attrs.push((key, Value::Str(r.clone())));
+        }
         let now = self.now;
         if let Some(n) = self.nodes.get_mut(&p.id) {
             n.finished = Some(now);
@@ -834,7 +876,7 @@ impl Stitcher {
             parent_remote: false,
             link: None,
             side,
-            name: attributes::span_name(&p.head.method, None),
+            name: attributes::span_name(&p.head.method, route.as_deref()),
             start_unix_ns: self.clock.to_unix_ns(p.start_ts),
             end_unix_ns: self.clock.to_unix_ns(end_ts),
             attributes: attrs,
@@ -844,6 +886,9 @@ impl Stitcher {
             process: info,
         };
         self.stats.spans += 1;
+        if side == Side::Server {
+            self.stats.server_spans += 1;
+        }
         let waiting_for_peer = match self.nodes.get(&p.id).map(|n| &n.parent) {
             Some(Parent::Peer { key, .. }) => !self.clients.contains_key(key),
             _ => false,
@@ -875,11 +920,22 @@ impl Stitcher {
             return;
         }
         if !r.sampled {
-            self.stats.unsampled += 1;
-            return;
+            let kept_trace = self.kept_traces.contains_key(&r.trace_id);
+            let duration = span.end_unix_ns.saturating_sub(span.start_unix_ns);
+            if !kept_trace && !self.sampler.keep_anyway(span.error.is_some(), duration) {
+                self.stats.unsampled += 1;
+                return;
+            }
+            // Kept by the agent's own rules: the rest of the trace this agent still sees
+            // (the parents, which end later) is kept with it.
+            self.stats.kept_by_rule += 1;
+            if !kept_trace && self.kept_traces.len() < MAX_KEPT_TRACES {
+                self.kept_traces.insert(r.trace_id, self.now);
+            }
         }
         span.trace_id = r.trace_id;
-        span.flags = r.flags;
+        // Exported means sampled, whoever decided.
+        span.flags = r.flags | 1;
         span.trace_state = r.trace_state;
         if let Some((parent, remote, link)) = r.parent {
             span.parent_span_id = Some(parent);
@@ -942,13 +998,7 @@ impl Stitcher {
     /// Settles one node given its parent's settled trace (`None` if it has no span parent).
     fn settle(&mut self, id: SpanId, parent: Option<&Resolved>) -> Resolved {
         let Some(node) = self.nodes.get(&id) else {
-            return Resolved {
-                trace_id: self.trace_id(),
-                sampled: true,
-                flags: 1,
-                trace_state: None,
-                parent: None,
-            };
+            return self.new_root();
         };
         let inherit = |p: &Resolved, pid: SpanId, link: Link| Resolved {
             trace_id: p.trace_id,
@@ -957,9 +1007,10 @@ impl Stitcher {
             trace_state: p.trace_state.clone(),
             parent: Some((pid, false, link)),
         };
+        let sampler = &self.sampler;
         let remote = |h: &Remote| Resolved {
             trace_id: h.trace_id,
-            sampled: h.sampled,
+            sampled: sampler.remote_sampled(&h.trace_id, h.sampled),
             flags: h.flags,
             trace_state: h.trace_state.clone(),
             parent: Some((h.span_id, true, Link::Header)),
@@ -977,13 +1028,20 @@ impl Stitcher {
                 None,
             )
             | (Parent::Remote(h), _) => remote(h),
-            _ => Resolved {
-                trace_id: self.trace_id(),
-                sampled: true,
-                flags: 1,
-                trace_state: None,
-                parent: None,
-            },
+            _ => self.new_root(),
+        }
+    }
+
+    /// A trace that starts here, sampled by the root sampler.
+    fn new_root(&mut self) -> Resolved {
+        let trace_id = self.trace_id();
+        let sampled = self.sampler.root_sampled(&trace_id);
+        Resolved {
+            trace_id,
+            sampled,
+            flags: u8::from(sampled),
+            trace_state: None,
+            parent: None,
         }
     }
 
@@ -1018,6 +1076,8 @@ impl Stitcher {
             return;
         }
         self.last_prune = now;
+        self.kept_traces
+            .retain(|_, since| now.duration_since(*since) < KEEP_TRACE);
         let nodes = &self.nodes;
         self.threads
             .retain(|_, t| t.multiplexed || t.active.is_some_and(|a| nodes.contains_key(&a)));
