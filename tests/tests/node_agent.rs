@@ -11,7 +11,7 @@ use std::{
 };
 
 use wirespan_tests::{
-    SpanAgent, chain_node, chain_python, curl, free_port, load_client,
+    Proc, SpanAgent, chain_node, chain_python, curl, free_port, load_client,
     otlp::{Receiver, Span},
     require_privileges, wirespan_bin, wirespan_programs,
 };
@@ -374,4 +374,86 @@ fn without_privileges_the_agent_names_what_is_missing() {
     }
     assert!(stderr.contains("wirespan: cannot capture"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Pids in the kernel's pid filter map (bpftool prints keys as little-endian bytes).
+fn pid_filter_entries() -> Vec<u32> {
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "name", "PID_FILTER", "--json"])
+        .output()
+        .expect("bpftool runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    v.as_array()
+        .expect("a list of entries")
+        .iter()
+        .map(|e| match &e["key"] {
+            serde_json::Value::Number(n) => n.as_u64().unwrap() as u32,
+            serde_json::Value::Array(bytes) => {
+                let b: Vec<u8> = bytes
+                    .iter()
+                    .map(|x| {
+                        u8::from_str_radix(x.as_str().unwrap().trim_start_matches("0x"), 16)
+                            .unwrap()
+                    })
+                    .collect();
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            }
+            other => panic!("unexpected key {other}"),
+        })
+        .collect()
+}
+
+#[test]
+fn processes_that_exit_are_forgotten_in_the_kernel_too() {
+    require_privileges!();
+    let port = free_port();
+    let server = chain_python("ignored", port, None).unwrap();
+    let receiver = Receiver::start().unwrap();
+    let agent = agent(&receiver, &["--exe", "**/node*"]);
+    // Clients that wait (the server's /slow answers after 60 s), so that all are alive when
+    // the filter is read.
+    let clients: Vec<Proc> = (0..20)
+        .map(|_| {
+            Proc::spawn(
+                "curl",
+                Command::new("curl")
+                    .args(["-s", "-o", "/dev/null"])
+                    .arg(format!("http://127.0.0.1:{port}/slow")),
+            )
+            .unwrap()
+        })
+        .collect();
+    let pids: Vec<u32> = clients.iter().map(Proc::pid).collect();
+    // Each client is decided against and written into the kernel's filter...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let during = loop {
+        let entries = pid_filter_entries();
+        if pids.iter().all(|p| entries.contains(p)) || Instant::now() > deadline {
+            break entries;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        pids.iter().all(|p| during.contains(p)),
+        "clients missing from the filter: {pids:?} {during:?}"
+    );
+    assert!(during.contains(&server.pid()));
+    // ...and is gone from it once it exited (swept every 2 s).
+    drop(clients);
+    std::thread::sleep(Duration::from_secs(5));
+    let after = pid_filter_entries();
+    assert!(
+        pids.iter().all(|p| !after.contains(p)),
+        "exited clients still in the filter: {after:?}"
+    );
+    assert!(
+        after.contains(&server.pid()),
+        "a live process stays: {after:?}"
+    );
+    assert!(
+        after.contains(&agent.pid()),
+        "the agent never traces itself"
+    );
+    agent.stop().unwrap();
+    assert!(receiver.spans().is_empty());
 }
