@@ -118,7 +118,9 @@ pub struct Sampling {
     /// As `OTEL_TRACES_SAMPLER`: always_on, always_off, traceidratio, parentbased_always_on,
     /// parentbased_always_off, parentbased_traceidratio.
     pub sampler: String,
-    /// As `OTEL_TRACES_SAMPLER_ARG`: the ratio for the traceidratio samplers.
+    /// As `OTEL_TRACES_SAMPLER_ARG`: the ratio for the traceidratio samplers (a number, or a
+    /// string holding one: Helm's `--set` and environment variables give strings).
+    #[serde(deserialize_with = "ratio")]
     pub arg: Option<f64>,
     /// Keep spans marked as errors whatever the sampler decided.
     pub keep_errors: bool,
@@ -215,6 +217,25 @@ fn numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error>
                 .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a process id"))),
         })
         .collect()
+}
+
+/// A number, or a string that holds one.
+fn ratio<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        N(f64),
+        S(String),
+    }
+    match Option::<N>::deserialize(d)? {
+        None => Ok(None),
+        Some(N::N(n)) => Ok(Some(n)),
+        Some(N::S(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a number"))),
+    }
 }
 
 /// The OpenTelemetry variables and where they go.
@@ -323,16 +344,10 @@ fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Value> {
     for (var, path) in OTEL_VARS {
         if let Some(raw) = get(var).filter(|v| !v.trim().is_empty()) {
             let default = &all.iter().find(|(p, _)| p == path).expect("known path").1;
-            let value = if *path == "sampling.arg" {
-                let ratio: f64 = raw
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("{var}={raw} is not a number"))?;
-                Value::from(ratio)
-            } else {
-                env_value(default, &raw)
-            };
-            set_path(&mut layer, path, value);
+            if *path == "sampling.arg" && raw.trim().parse::<f64>().is_err() {
+                anyhow::bail!("{var}={raw} is not a number");
+            }
+            set_path(&mut layer, path, env_value(default, &raw));
         }
     }
     for (path, default) in &all {
@@ -586,6 +601,18 @@ routes: ['/users/{id}']
         assert!(err(None, &[("WIRESPAN_SELECT_PORTS", "80-70")]).contains("80-70"));
         assert!(err(None, &[("WIRESPAN_EXCLUDE_PIDS", "x")]).contains("not a process id"));
         assert!(err(Some("routes: ['/a/{']\n"), &[]).contains("/a/{"));
+        assert!(err(Some("sampling:\n  arg: half\n"), &[]).contains("not a number"));
+    }
+
+    #[test]
+    fn numbers_may_come_as_strings() {
+        let c = resolve(
+            Some("sampling:\n  arg: '0.1'\nexclude:\n  pids: ['7']\n"),
+            &env(&[]),
+            &vec![],
+        );
+        assert_eq!(c.sampling.arg, Some(0.1));
+        assert_eq!(c.exclude.pids, [7]);
     }
 
     #[test]

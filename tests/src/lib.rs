@@ -706,3 +706,10 @@ pub fn load_client(url: &str, n: usize) -> anyhow::Result<Vec<u16>> {
         .filter_map(|s| s.parse().ok())
         .collect())
 }
+
+/// A tool `cargo xtask setup` downloads into target/tools (helm).
+pub fn tool(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools")
+        .join(name)
+}

