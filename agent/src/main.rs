@@ -357,8 +357,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The line that says tracing has started (tests and operators wait for it).
+fn say_ready(capture: &Capture, log_format: LogFormat) {
+    ops::say(
+        log_format,
+        &format!(
+            "wirespan: ready: {} of {} syscalls traced{}",
+            capture.attached.len(),
+            wirespan::capture::probes::PROBES.len(),
+            if capture.failures.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} probes failed, see warnings)", capture.failures.len())
+            }
+        ),
+    );
+}
+
 /// Loads and attaches the kernel programs, or exits with one clear line.
-fn start_capture(config: &Config, inert: bool, log_format: LogFormat) -> anyhow::Result<Capture> {
+fn start_capture(config: &Config, inert: bool) -> anyhow::Result<Capture> {
     let check = ops::check_environment(
         &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
         std::path::Path::new("/"),
@@ -392,19 +409,6 @@ fn start_capture(config: &Config, inert: bool, log_format: LogFormat) -> anyhow:
             std::process::exit(1);
         }
     };
-    ops::say(
-        log_format,
-        &format!(
-            "wirespan: ready: {} of {} syscalls traced{}",
-            capture.attached.len(),
-            wirespan::capture::probes::PROBES.len(),
-            if capture.failures.is_empty() {
-                String::new()
-            } else {
-                format!(" ({} probes failed, see warnings)", capture.failures.len())
-            }
-        ),
-    );
     Ok(capture)
 }
 
@@ -469,8 +473,22 @@ fn kubernetes(config: &Config) -> anyhow::Result<Option<Arc<Pods>>> {
         .clone()
         .or_else(|| env_var("NODE_NAME"))
         .unwrap_or_else(wirespan::trace::process::host_name);
+    let client = match k8s::Client::in_cluster() {
+        Ok(c) => c,
+        // Asked for: a clear error. Guessed from the environment: tracing goes on without.
+        Err(e)
+            if config.kubernetes.metadata == "on"
+                || config.select.uses_kubernetes()
+                || config.exclude.uses_kubernetes() =>
+        {
+            return Err(e.context("Kubernetes metadata (needed by kubernetes.metadata = on or by Kubernetes selection rules)"));
+        }
+        Err(e) => {
+            log::warn!("Kubernetes metadata off: {e:#}");
+            return Ok(None);
+        }
+    };
     let pods = Arc::new(Pods::default());
-    let client = k8s::Client::in_cluster().context("Kubernetes metadata")?;
     k8s::spawn_watch(client, node, pods.clone());
     Ok(Some(pods))
 }
@@ -488,7 +506,7 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
     // The exporter starts first: a UI address in use is reported before probes attach.
     let exporter = Exporter::start(target(&config), batching).await?;
     let _ = metrics.export.set(exporter.stats.clone());
-    let mut capture = start_capture(&config, inert, log_format)?;
+    let mut capture = start_capture(&config, inert)?;
     let policy = Policy::new(&config.select, &config.exclude)?;
     let selector = Selector::new(
         policy,
@@ -519,8 +537,10 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
         pods,
         started: std::time::Instant::now(),
     };
-    metrics.ready.store(true, Ordering::Relaxed);
+    // Alive and ready before anyone is told so.
     tracer.publish();
+    metrics.ready.store(true, Ordering::Relaxed);
+    say_ready(&capture, log_format);
     let lost = capture.run(&mut tracer, shutdown_signal()).await?;
     // The capture is dropped: every program is detached. What was read is made into spans
     // and sent, within the 5 seconds a node agent gets to stop.
@@ -712,7 +732,8 @@ impl<W: Write> Tracer<W> {
 }
 
 async fn capture(args: CaptureArgs, config: Config) -> anyhow::Result<()> {
-    let mut capture = start_capture(&config, args.select.inert, config.telemetry.log_format)?;
+    let mut capture = start_capture(&config, args.select.inert)?;
+    say_ready(&capture, config.telemetry.log_format);
     let pods = kubernetes(&config)?;
     let selector = Selector::new(
         Policy::new(&config.select, &config.exclude)?,

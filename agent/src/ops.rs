@@ -259,12 +259,11 @@ pub fn init_logging(format: LogFormat) {
     if format == LogFormat::Json {
         b.format(|buf, record| {
             use std::io::Write;
-            let obj = serde_json::json!({
-                "ts": humantime_rfc3339(SystemTime::now()),
-                "level": record.level().as_str().to_ascii_lowercase(),
-                "target": record.target(),
-                "message": record.args().to_string(),
-            });
+            let obj = json_record(
+                &record.level().as_str().to_ascii_lowercase(),
+                record.target(),
+                &record.args().to_string(),
+            );
             writeln!(buf, "{obj}")
         });
     }
@@ -295,13 +294,22 @@ fn humantime_rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// A line the operator must see (ready, summary, stats): plain on stderr, or a JSON log
-/// record with the same text.
+/// A line the operator must see (ready, summary, stats) whatever the log level: plain on
+/// stderr, or a JSON log record with the same text.
 pub fn say(format: LogFormat, line: &str) {
     match format {
         LogFormat::Text => eprintln!("{line}"),
-        LogFormat::Json => log::info!("{line}"),
+        LogFormat::Json => eprintln!("{}", json_record("info", "wirespan", line)),
     }
+}
+
+fn json_record(level: &str, target: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ts": humantime_rfc3339(SystemTime::now()),
+        "level": level,
+        "target": target,
+        "message": message,
+    })
 }
 
 /// Capabilities the agent uses, and what for.

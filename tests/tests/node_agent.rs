@@ -457,3 +457,59 @@ fn processes_that_exit_are_forgotten_in_the_kernel_too() {
     agent.stop().unwrap();
     assert!(receiver.spans().is_empty());
 }
+
+/// Moves `pid` into a cgroup named the way Docker names a container's, in this machine's
+/// hierarchy (v2, or v1's pids controller); returns the cgroup directory, or None (and why)
+/// when cgroups cannot be made here.
+fn containerise(pid: u32, id: &str) -> Result<std::path::PathBuf, String> {
+    let v2 = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup") && l.contains("cgroup2"));
+    let dir = if v2 {
+        std::path::PathBuf::from(format!("/sys/fs/cgroup/system.slice/docker-{id}.scope"))
+    } else {
+        std::path::PathBuf::from(format!("/sys/fs/cgroup/pids/docker/{id}"))
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+        .map_err(|e| format!("moving {pid} into {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+#[test]
+fn a_container_is_selected_by_its_id_and_named_in_the_resource() {
+    require_privileges!();
+    let id = "c0ffee00d15ea5e5c0ffee00d15ea5e5c0ffee00d15ea5e5c0ffee00d15ea5e5";
+    let (inside, outside) = (free_port(), free_port());
+    let boxed = chain_python("boxed", inside, None).unwrap();
+    let _plain = chain_python("plain", outside, None).unwrap();
+    let dir = match containerise(boxed.pid(), id) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: cgroups cannot be made here: {why}");
+            return;
+        }
+    };
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", boxed.pid())).unwrap();
+    assert!(cgroup.contains(id), "{cgroup}");
+    let receiver = Receiver::start().unwrap();
+    let agent = agent(&receiver, &["--container", &id[..12]]);
+    for p in [inside, outside] {
+        curl(&[&format!("http://127.0.0.1:{p}/")]).unwrap();
+    }
+    agent.stop().unwrap();
+    let spans = receiver.wait_for(Duration::from_secs(5), |s| !s.is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    let spans_now = receiver.spans();
+    assert_eq!(spans_now.len(), spans.len());
+    assert_eq!(server_services(&spans), ["boxed"], "{spans:#?}");
+    assert_eq!(spans.len(), 1);
+    assert_eq!(
+        spans[0].resource.get("container.id").map(String::as_str),
+        Some(id)
+    );
+    drop(boxed);
+    // The cgroup is empty once its process is reaped.
+    let _ = std::fs::remove_dir(&dir);
+}

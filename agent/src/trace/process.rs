@@ -364,8 +364,13 @@ pub fn host_name() -> String {
 /// connection to wirespan (a local collector receiving our export) is never traced.
 #[derive(Debug)]
 pub struct OwnSockets {
-    endpoints: HashSet<SocketAddr>,
-    /// Inodes of our sockets when `endpoints` was built.
+    /// Our listening sockets' addresses: any connection to one of them is ours.
+    listening: HashSet<SocketAddr>,
+    /// Our connections, as (our end, the other end). A connection is ours only when both
+    /// ends match: a port of a connection we closed may be reused by another process at once,
+    /// and that connection must not be taken for ours.
+    connected: HashSet<(SocketAddr, SocketAddr)>,
+    /// Inodes of our sockets when the sets were built.
     inodes: HashSet<u64>,
     refreshed: Option<Instant>,
 }
@@ -379,16 +384,22 @@ impl Default for OwnSockets {
 impl OwnSockets {
     pub fn new() -> Self {
         Self {
-            endpoints: HashSet::new(),
+            listening: HashSet::new(),
+            connected: HashSet::new(),
             inodes: HashSet::new(),
             refreshed: None,
         }
     }
 
-    /// Whether `peer` is one of our sockets. Re-reads /proc at most every 100 ms on a miss.
-    pub fn is_own(&mut self, peer: SocketAddr) -> bool {
-        let peer = canonical(peer);
-        if self.endpoints.contains(&peer) {
+    fn known(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        self.listening.contains(&remote) || self.connected.contains(&(remote, local))
+    }
+
+    /// Whether a traced connection from `local` to `remote` has wirespan at its other end.
+    /// Re-reads /proc at most every 100 ms on a miss.
+    pub fn is_own(&mut self, local: SocketAddr, remote: SocketAddr) -> bool {
+        let (local, remote) = (canonical(local), canonical(remote));
+        if self.known(local, remote) {
             return true;
         }
         if self
@@ -398,7 +409,7 @@ impl OwnSockets {
             return false;
         }
         self.refresh();
-        self.endpoints.contains(&peer)
+        self.known(local, remote)
     }
 
     fn refresh(&mut self) {
@@ -418,14 +429,24 @@ impl OwnSockets {
         if inodes == self.inodes {
             return;
         }
-        self.endpoints.clear();
+        self.listening.clear();
+        self.connected.clear();
         for file in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
             let Ok(text) = fs::read_to_string(file) else {
                 continue;
             };
-            for (addr, inode) in text.lines().skip(1).filter_map(parse_proc_net_line) {
-                if inodes.contains(&inode) {
-                    self.endpoints.insert(canonical(addr));
+            for line in text.lines().skip(1) {
+                let Some(e) = parse_proc_net_line(line) else {
+                    continue;
+                };
+                if !inodes.contains(&e.inode) {
+                    continue;
+                }
+                if e.state == LISTEN {
+                    self.listening.insert(canonical(e.local));
+                } else {
+                    self.connected
+                        .insert((canonical(e.local), canonical(e.remote)));
                 }
             }
         }
@@ -433,16 +454,36 @@ impl OwnSockets {
     }
 }
 
+/// TCP state LISTEN in /proc/net/tcp.
+const LISTEN: u8 = 0x0A;
+
+/// One line of /proc/net/tcp{,6}.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcNetEntry {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    pub inode: u64,
+}
+
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
-/// One line of /proc/net/tcp{,6}: local address and inode.
-pub fn parse_proc_net_line(line: &str) -> Option<(SocketAddr, u64)> {
+/// One line of /proc/net/tcp{,6}: local and remote address, state, inode.
+pub fn parse_proc_net_line(line: &str) -> Option<ProcNetEntry> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    let local = f.get(1)?;
-    let inode: u64 = f.get(9)?.parse().ok()?;
-    let (ip_hex, port_hex) = local.split_once(':')?;
+    Some(ProcNetEntry {
+        local: parse_hex_endpoint(f.get(1)?)?,
+        remote: parse_hex_endpoint(f.get(2)?)?,
+        state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+        inode: f.get(9)?.parse().ok()?,
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as the kernel prints them.
+fn parse_hex_endpoint(s: &str) -> Option<SocketAddr> {
+    let (ip_hex, port_hex) = s.split_once(':')?;
     let port = u16::from_str_radix(port_hex, 16).ok()?;
     let ip: std::net::IpAddr = match ip_hex.len() {
         8 => {
@@ -459,7 +500,7 @@ pub fn parse_proc_net_line(line: &str) -> Option<(SocketAddr, u64)> {
         }
         _ => return None,
     };
-    Some((SocketAddr::new(ip, port), inode))
+    Some(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
@@ -543,12 +584,22 @@ mod tests {
         let v4 = "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
         assert_eq!(
             parse_proc_net_line(v4),
-            Some(("127.0.0.1:8080".parse().unwrap(), 12345))
+            Some(ProcNetEntry {
+                local: "127.0.0.1:8080".parse().unwrap(),
+                remote: "0.0.0.0:0".parse().unwrap(),
+                state: LISTEN,
+                inode: 12345
+            })
         );
-        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        let v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
         assert_eq!(
             parse_proc_net_line(v6),
-            Some(("[::1]:8080".parse().unwrap(), 777))
+            Some(ProcNetEntry {
+                local: "[::1]:8080".parse().unwrap(),
+                remote: "[::1]:54321".parse().unwrap(),
+                state: 1,
+                inode: 777
+            })
         );
     }
 
@@ -556,9 +607,23 @@ mod tests {
     fn this_test_binary_is_not_go_and_own_sockets_are_found() {
         assert!(!is_go_binary(Path::new("/proc/self/exe")));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = listener.local_addr().unwrap();
+        let elsewhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut own = OwnSockets::new();
-        assert!(own.is_own(listener.local_addr().unwrap()));
-        assert!(!own.is_own("127.0.0.1:1".parse().unwrap()));
+        // A connection to our listener, from anywhere.
+        assert!(own.is_own(elsewhere, ours));
+        assert!(!own.is_own(ours, elsewhere));
+        // A connection we made: only its exact other end is ours.
+        let client = std::net::TcpStream::connect(ours).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let (mine, theirs) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        std::thread::sleep(Duration::from_millis(110));
+        assert!(own.is_own(theirs, mine), "the far end of our connection");
+        // Another connection that happens to use our port, to somewhere else: not ours (the
+        // case of a port we closed being reused by a traced process).
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(!own.is_own(other, mine));
+        drop(accepted);
     }
 
     #[test]

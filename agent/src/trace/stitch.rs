@@ -496,7 +496,7 @@ impl Stitcher {
             }
         };
         let remote = ev.remote();
-        let own = self.own.is_own(remote);
+        let own = self.own.is_own(ev.local(), remote);
         if own {
             self.stats.own_connections += 1;
         }
