@@ -80,6 +80,15 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind}"))
 }
 
+/// A YAML list of strings.
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence()
+        .unwrap_or_else(|| panic!("not a list: {v:?}"))
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
 /// The DaemonSet grants what the agent needs and no more.
 fn check_daemonset(ds: &Value, privileged: bool) {
     let pod = &ds["spec"]["template"]["spec"];
@@ -95,20 +104,11 @@ fn check_daemonset(ds: &Value, privileged: bool) {
         assert_eq!(sc["privileged"].as_bool(), Some(true));
     } else {
         assert_eq!(sc["privileged"].as_bool(), Some(false));
-        let add: Vec<&str> = sc["capabilities"]["add"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        assert_eq!(add, ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]);
-        let drop: Vec<&str> = sc["capabilities"]["drop"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        assert_eq!(drop, ["ALL"]);
+        assert_eq!(
+            strings(&sc["capabilities"]["add"]),
+            ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]
+        );
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     }
     assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
     let mounts: Vec<&str> = c["volumeMounts"]
@@ -129,13 +129,7 @@ fn check_daemonset(ds: &Value, privileged: bool) {
         Some("/healthz")
     );
     // The flags and variables it passes are the agent's.
-    let args: Vec<&str> = c["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert_eq!(args, ["run"]);
+    assert_eq!(strings(&c["args"]), ["run"]);
     let env: Vec<&str> = c["env"]
         .as_sequence()
         .unwrap()
