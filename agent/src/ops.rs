@@ -63,9 +63,10 @@ impl Metrics {
         self.heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
     }
 
+    /// Starting (the loop has not turned yet: /readyz tells that part) or turned recently.
     pub fn alive(&self) -> bool {
         let last = self.heartbeat_ms.load(Ordering::Relaxed);
-        last != 0 && unix_ms().saturating_sub(last) < LIVENESS.as_millis() as u64
+        last == 0 || unix_ms().saturating_sub(last) < LIVENESS.as_millis() as u64
     }
 
     /// The Prometheus text exposition.
@@ -430,6 +431,16 @@ mod tests {
             assert!(value.parse::<u64>().is_ok(), "{line}");
             assert!(name.starts_with("wirespan_"), "{line}");
         }
+    }
+
+    #[test]
+    fn liveness_follows_the_heartbeat() {
+        let m = Metrics::default();
+        assert!(m.alive(), "starting");
+        m.beat();
+        assert!(m.alive());
+        m.heartbeat_ms.store(unix_ms() - 11_000, Ordering::Relaxed);
+        assert!(!m.alive(), "stalled for 11 s");
     }
 
     #[test]
