@@ -1,32 +1,30 @@
-//! Sending spans: over OTLP (gRPC or HTTP/protobuf, by `opentelemetry-otlp`) to any backend, or
+//! Sending spans: over OTLP (gRPC by tonic, or HTTP/protobuf by reqwest) to any backend, or
 //! into the embedded in-memory store behind the Jaeger UI (`otlp-embedded`).
 //!
-//! Spans go through a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`) to one export task that sends
-//! batches (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) at least every `OTEL_BSP_SCHEDULE_DELAY`; each
-//! batch is sent as one request per traced process (each process is its own OTLP resource).
-//! A full queue drops spans and counts them; memory never grows without bound.
+//! Spans are encoded straight into the OTLP protobuf types (`opentelemetry-proto`): no SDK span
+//! objects in between. They go through a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`) to one export
+//! task that sends batches (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) at least every
+//! `OTEL_BSP_SCHEDULE_DELAY`, each batch one request with a resource per traced process. A full
+//! queue drops spans and counts them; memory never grows without bound.
 
 use std::{
-    borrow::Cow,
     collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::Context as _;
-use opentelemetry::{
-    InstrumentationScope, KeyValue,
-    trace::{SpanContext, SpanKind, Status, TraceFlags, TraceState},
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
+    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Status, span::SpanKind, status::StatusCode},
 };
-use opentelemetry_otlp::{Protocol, WithExportConfig};
-use opentelemetry_sdk::{
-    Resource,
-    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
-};
+use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::{
@@ -162,12 +160,8 @@ impl Exporter {
             }
             Target::Otlp(config) => {
                 // Fail at start on a bad configuration, not at the first span.
-                build_otlp(&config, &batching)?;
-                Sink::Otlp {
-                    config,
-                    batching,
-                    exporters: HashMap::new(),
-                }
+                let env = |k: &str| std::env::var(k);
+                Sink::Otlp(Arc::new(Transport::new(&config, &batching, &env)?))
             }
             Target::Embedded { ui, max_traces } => {
                 let state = otlp_embedded::State::new(otlp_embedded::Config {
@@ -219,62 +213,190 @@ impl Exporter {
     }
 }
 
+/// Where batches go; cloned (as handles) for each export in flight.
+#[derive(Clone)]
 enum Sink {
-    /// One exporter per traced process, each with that process's resource (built on first use).
-    Otlp {
-        config: OtlpConfig,
-        batching: Batching,
-        exporters: HashMap<u32, (Arc<ProcessInfo>, Arc<opentelemetry_otlp::SpanExporter>)>,
-    },
+    Otlp(Arc<Transport>),
     Embedded(Arc<otlp_embedded::TraceServiceImpl>),
 }
 
-fn build_otlp(
-    cfg: &OtlpConfig,
-    batching: &Batching,
-) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-    let timeout = cfg.timeout.unwrap_or(batching.export_timeout);
-    let exporter = match cfg.protocol {
-        OtlpProtocol::Grpc => {
-            let mut b = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_protocol(Protocol::Grpc);
-            if let Some(e) = cfg.traces_endpoint.as_ref().or(cfg.endpoint.as_ref()) {
-                b = b.with_endpoint(e.clone());
-            }
-            if cfg.timeout.is_some() {
-                b = b.with_timeout(timeout);
-            }
-            b.build()
+impl Sink {
+    async fn export(self, request: ExportTraceServiceRequest) -> anyhow::Result<()> {
+        match self {
+            Sink::Otlp(t) => t.export(request).await,
+            Sink::Embedded(service) => embedded_export(&service, request).await,
         }
-        OtlpProtocol::HttpProtobuf => {
-            let mut b = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary);
-            if let Some(e) = &cfg.traces_endpoint {
-                b = b.with_endpoint(e.clone());
-            } else if let Some(e) = &cfg.endpoint {
-                // A base endpoint, like OTEL_EXPORTER_OTLP_ENDPOINT: the signal path is added.
-                b = b.with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/')));
-            }
-            if cfg.timeout.is_some() {
-                b = b.with_timeout(timeout);
-            }
-            b.build()
+    }
+}
+
+/// An OTLP connection and what each request carries.
+enum Transport {
+    Grpc {
+        client: TraceServiceClient<tonic::transport::Channel>,
+        headers: tonic::metadata::MetadataMap,
+        timeout: Duration,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        headers: reqwest::header::HeaderMap,
+        timeout: Duration,
+    },
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (which wins per key):
+/// `key=value` pairs separated by commas, values percent-encoded.
+pub fn otlp_headers(
+    get: &dyn Fn(&str) -> Result<String, std::env::VarError>,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for var in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        let Ok(text) = get(var) else {
+            continue;
+        };
+        for (k, v) in crate::trace::process::parse_resource_attributes(&text) {
+            let k = k.to_ascii_lowercase();
+            out.retain(|(n, _)| *n != k);
+            out.push((k, v));
         }
-    };
-    exporter.context("building the OTLP exporter")
+    }
+    out
+}
+
+impl Transport {
+    fn new(
+        config: &OtlpConfig,
+        batching: &Batching,
+        env: &dyn Fn(&str) -> Result<String, std::env::VarError>,
+    ) -> anyhow::Result<Self> {
+        let timeout = config.timeout.unwrap_or(batching.export_timeout);
+        let headers = otlp_headers(env);
+        Ok(match config.protocol {
+            OtlpProtocol::Grpc => {
+                let url = config
+                    .traces_endpoint
+                    .clone()
+                    .or_else(|| config.endpoint.clone())
+                    .unwrap_or_else(|| "http://localhost:4317".into());
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("OTLP endpoint {url}"))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(timeout)
+                    .connect_lazy();
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
+                        .with_context(|| format!("OTLP header name {k}"))?;
+                    let value = v
+                        .parse()
+                        .with_context(|| format!("OTLP header {k}: not a valid value"))?;
+                    metadata.insert(key, value);
+                }
+                Self::Grpc {
+                    client: TraceServiceClient::new(channel),
+                    headers: metadata,
+                    timeout,
+                }
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let url = match (&config.traces_endpoint, &config.endpoint) {
+                    (Some(t), _) => t.clone(),
+                    // A base endpoint, like OTEL_EXPORTER_OTLP_ENDPOINT: the signal path is added.
+                    (None, Some(e)) => format!("{}/v1/traces", e.trim_end_matches('/')),
+                    (None, None) => "http://localhost:4318/v1/traces".into(),
+                };
+                reqwest::Url::parse(&url).with_context(|| format!("OTLP endpoint {url}"))?;
+                let mut map = reqwest::header::HeaderMap::new();
+                for (k, v) in headers {
+                    let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                        .with_context(|| format!("OTLP header name {k}"))?;
+                    let value = reqwest::header::HeaderValue::from_str(&v)
+                        .with_context(|| format!("OTLP header {k}: not a valid value"))?;
+                    map.insert(name, value);
+                }
+                map.insert(
+                    reqwest::header::CONTENT_TYPE,
+                    reqwest::header::HeaderValue::from_static("application/x-protobuf"),
+                );
+                Self::Http {
+                    client: reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(5))
+                        .build()
+                        .context("the OTLP/HTTP client")?,
+                    url,
+                    headers: map,
+                    timeout,
+                }
+            }
+        })
+    }
+
+    async fn export(&self, request: ExportTraceServiceRequest) -> anyhow::Result<()> {
+        match self {
+            Self::Grpc {
+                client,
+                headers,
+                timeout,
+            } => {
+                let mut req = tonic::Request::new(request);
+                *req.metadata_mut() = headers.clone();
+                req.set_timeout(*timeout);
+                // A handle on the same connection.
+                let mut client = client.clone();
+                let resp = client
+                    .export(req)
+                    .await
+                    .map_err(|s| anyhow::anyhow!("OTLP/gRPC: {:?}: {}", s.code(), s.message()))?;
+                if let Some(p) = resp.into_inner().partial_success
+                    && p.rejected_spans > 0
+                {
+                    anyhow::bail!(
+                        "the backend rejected {} spans: {}",
+                        p.rejected_spans,
+                        p.error_message
+                    );
+                }
+                Ok(())
+            }
+            Self::Http {
+                client,
+                url,
+                headers,
+                timeout,
+            } => {
+                let resp = client
+                    .post(url)
+                    .headers(headers.clone())
+                    .timeout(*timeout)
+                    .body(request.encode_to_vec())
+                    .send()
+                    .await?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let body = resp.bytes().await.unwrap_or_default();
+                    anyhow::bail!(
+                        "OTLP/HTTP {url}: {status}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(300)])
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 async fn run(
     mut rx: mpsc::Receiver<Span>,
-    mut sink: Sink,
+    sink: Sink,
     batching: Batching,
     stats: Arc<ExportStats>,
 ) {
     let mut batch: Vec<Span> = Vec::with_capacity(batching.max_batch);
     let mut in_flight = tokio::task::JoinSet::new();
-    let host = crate::trace::process::host_name();
+    let mut resources = Resources::new(crate::trace::process::host_name());
     let mut closed = false;
     while !closed {
         let deadline = tokio::time::sleep(batching.delay);
@@ -291,118 +413,111 @@ async fn run(
         if batch.is_empty() {
             continue;
         }
-        for (exporter, data) in groups(&mut sink, std::mem::take(&mut batch), &host) {
-            while in_flight.len() >= batching.max_concurrent {
-                let _ = in_flight.join_next().await;
-            }
-            let stats = stats.clone();
-            let timeout = batching.export_timeout;
-            in_flight.spawn(async move {
-                let n = data.len() as u64;
-                let result = tokio::time::timeout(timeout, exporter.export(data)).await;
-                match result {
-                    Ok(Ok(())) => {
-                        stats.exported.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Ok(Err(e)) => {
-                        stats.failed.fetch_add(n, Ordering::Relaxed);
-                        log::warn!("exporting {n} spans failed: {e}");
-                    }
-                    Err(_) => {
-                        stats.failed.fetch_add(n, Ordering::Relaxed);
-                        log::warn!("exporting {n} spans timed out");
-                    }
-                }
-            });
+        let n = batch.len() as u64;
+        let request = resources.request(std::mem::take(&mut batch));
+        while in_flight.len() >= batching.max_concurrent {
+            let _ = in_flight.join_next().await;
         }
+        let stats = stats.clone();
+        let timeout = batching.export_timeout;
+        let sink = sink.clone();
+        in_flight.spawn(async move {
+            let result = tokio::time::timeout(timeout, sink.export(request)).await;
+            match result {
+                Ok(Ok(())) => {
+                    stats.exported.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    stats.failed.fetch_add(n, Ordering::Relaxed);
+                    log::warn!("exporting {n} spans failed: {e:#}");
+                }
+                Err(_) => {
+                    stats.failed.fetch_add(n, Ordering::Relaxed);
+                    log::warn!("exporting {n} spans timed out");
+                }
+            }
+        });
     }
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Where one group of spans goes.
-enum Destination {
-    Otlp(Arc<opentelemetry_otlp::SpanExporter>),
-    Embedded(Arc<otlp_embedded::TraceServiceImpl>, Resource),
+/// The OTLP resource of each traced process, built once per process (and again when what is
+/// known about it changes).
+struct Resources {
+    host: String,
+    by_pid: HashMap<u32, (Arc<ProcessInfo>, Resource)>,
 }
 
-impl Destination {
-    async fn export(self, data: Vec<SpanData>) -> anyhow::Result<()> {
-        match self {
-            Destination::Otlp(e) => e.export(data).await.map_err(|e| anyhow::anyhow!("{e}")),
-            Destination::Embedded(service, resource) => {
-                embedded_export(&service, &resource, data).await
-            }
+impl Resources {
+    fn new(host: String) -> Self {
+        Self {
+            host,
+            by_pid: HashMap::new(),
         }
     }
-}
 
-/// Splits a batch by process (each its own resource) and finds each group's destination.
-fn groups(sink: &mut Sink, spans: Vec<Span>, host: &str) -> Vec<(Destination, Vec<SpanData>)> {
-    let mut by_process: Vec<(Arc<ProcessInfo>, Vec<SpanData>)> = Vec::new();
-    for s in spans {
-        let info = s.process.clone();
-        let data = span_data(s);
-        match by_process
-            .iter_mut()
-            .find(|(p, _)| Arc::ptr_eq(p, &info) || **p == *info)
+    fn get(&mut self, info: &Arc<ProcessInfo>) -> Resource {
+        if let Some((known, r)) = self.by_pid.get(&info.pid)
+            && (Arc::ptr_eq(known, info) || **known == **info)
         {
-            Some((_, v)) => v.push(data),
-            None => by_process.push((info, vec![data])),
+            return r.clone();
         }
+        let r = resource(info, &self.host);
+        self.by_pid.insert(info.pid, (info.clone(), r.clone()));
+        // Forget processes that no longer send spans: bounded by the processes of one batch
+        // window at a time.
+        if self.by_pid.len() > 4096 {
+            self.by_pid.clear();
+        }
+        r
     }
-    let mut out = Vec::with_capacity(by_process.len());
-    for (info, data) in by_process {
-        let destination = match sink {
-            Sink::Embedded(service) => {
-                Destination::Embedded(service.clone(), resource(&info, host))
+
+    /// One request for a batch: a resource per process, one scope, the spans.
+    fn request(&mut self, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        let mut groups: Vec<(
+            Arc<ProcessInfo>,
+            Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+        )> = Vec::new();
+        for s in spans {
+            let info = s.process.clone();
+            let span = proto_span(s);
+            match groups
+                .iter_mut()
+                .find(|(p, _)| Arc::ptr_eq(p, &info) || **p == *info)
+            {
+                Some((_, v)) => v.push(span),
+                None => groups.push((info, vec![span])),
             }
-            Sink::Otlp {
-                config,
-                batching,
-                exporters,
-            } => {
-                let current = exporters
-                    .get(&info.pid)
-                    .filter(|(known, _)| **known == *info)
-                    .map(|(_, e)| e.clone());
-                match current {
-                    Some(e) => Destination::Otlp(e),
-                    None => match build_otlp(config, batching) {
-                        Ok(mut e) => {
-                            e.set_resource(&resource(&info, host));
-                            let e = Arc::new(e);
-                            exporters.insert(info.pid, (info.clone(), e.clone()));
-                            Destination::Otlp(e)
-                        }
-                        Err(err) => {
-                            log::warn!("no exporter for pid {}: {err:#}", info.pid);
-                            continue;
-                        }
-                    },
-                }
-            }
-        };
-        out.push((destination, data));
+        }
+        let resource_spans = groups
+            .into_iter()
+            .map(|(info, spans)| ResourceSpans {
+                resource: Some(self.get(&info)),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(scope()),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+            .collect();
+        ExportTraceServiceRequest { resource_spans }
     }
-    out
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "wirespan".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
 }
 
 async fn embedded_export(
     service: &otlp_embedded::TraceServiceImpl,
-    resource: &Resource,
-    data: Vec<SpanData>,
+    request: ExportTraceServiceRequest,
 ) -> anyhow::Result<()> {
-    use opentelemetry_proto::transform::{
-        common::tonic::ResourceAttributesWithSchema,
-        trace::tonic::group_spans_by_resource_and_scope,
-    };
     use otlp_embedded::TraceService as _;
-    use prost::Message as _;
-    let resource_spans =
-        group_spans_by_resource_and_scope(data, &ResourceAttributesWithSchema::from(resource));
-    let request = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
-        resource_spans,
-    };
     // The store has its own generated types of the same schema: convert through the wire
     // format.
     let bytes = request.encode_to_vec();
@@ -416,66 +531,60 @@ async fn embedded_export(
     Ok(())
 }
 
-fn kv(key: impl Into<opentelemetry::Key>, v: &Value) -> KeyValue {
-    match v {
-        Value::Str(s) => KeyValue::new(key, s.clone()),
-        Value::Int(i) => KeyValue::new(key, *i),
+fn kv(key: impl Into<String>, v: &Value) -> KeyValue {
+    let value = match v {
+        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+        Value::Int(i) => any_value::Value::IntValue(*i),
+    };
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
     }
 }
 
 /// The OTLP resource of a process.
 pub fn resource(info: &ProcessInfo, host: &str) -> Resource {
-    Resource::builder_empty()
-        .with_attributes(info.resource(host).iter().map(|(k, v)| kv(k.clone(), v)))
-        .build()
+    Resource {
+        attributes: info
+            .resource(host)
+            .into_iter()
+            .map(|(k, v)| kv(k, &v))
+            .collect(),
+        ..Default::default()
+    }
 }
 
-fn time(unix_ns: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(unix_ns)
-}
+/// OTLP span flags: the W3C trace flags, and whether the parent is remote (bits 8 and 9, as
+/// the SDKs set them).
+const HAS_IS_REMOTE: u32 = 0x100;
+const IS_REMOTE: u32 = 0x200;
 
-/// Our span as the SDK's export type.
-pub fn span_data(s: Span) -> SpanData {
-    let trace_state = s
-        .trace_state
-        .as_deref()
-        .and_then(|t| t.parse::<TraceState>().ok())
-        .unwrap_or_default();
-    let context = SpanContext::new(
-        opentelemetry::trace::TraceId::from_bytes(s.trace_id),
-        opentelemetry::trace::SpanId::from_bytes(s.span_id),
-        TraceFlags::new(s.flags),
-        false,
-        trace_state,
-    );
-    let status = match &s.error {
-        Some(d) => Status::Error {
-            description: Cow::Owned(d.clone()),
+/// Our span as the OTLP message.
+pub fn proto_span(s: Span) -> opentelemetry_proto::tonic::trace::v1::Span {
+    let status = match s.error {
+        Some(message) => Status {
+            code: StatusCode::Error as i32,
+            message,
         },
-        None => Status::Unset,
+        None => Status::default(),
     };
-    SpanData {
-        span_context: context,
-        parent_span_id: s
-            .parent_span_id
-            .map(opentelemetry::trace::SpanId::from_bytes)
-            .unwrap_or(opentelemetry::trace::SpanId::INVALID),
-        parent_span_is_remote: s.parent_remote,
-        span_kind: match s.side {
+    opentelemetry_proto::tonic::trace::v1::Span {
+        trace_id: s.trace_id.to_vec(),
+        span_id: s.span_id.to_vec(),
+        trace_state: s.trace_state.unwrap_or_default(),
+        parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
+        flags: u32::from(s.flags) | HAS_IS_REMOTE | if s.parent_remote { IS_REMOTE } else { 0 },
+        name: s.name,
+        kind: match s.side {
             Side::Server => SpanKind::Server,
             Side::Client => SpanKind::Client,
-        },
-        name: Cow::Owned(s.name),
-        start_time: time(s.start_unix_ns),
-        end_time: time(s.end_unix_ns.max(s.start_unix_ns)),
+        } as i32,
+        start_time_unix_nano: s.start_unix_ns,
+        end_time_unix_nano: s.end_unix_ns.max(s.start_unix_ns),
         attributes: s.attributes.iter().map(|(k, v)| kv(*k, v)).collect(),
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status,
-        instrumentation_scope: InstrumentationScope::builder("wirespan")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
+        status: Some(status),
+        ..Default::default()
     }
 }
 
@@ -490,6 +599,77 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn headers_from_the_environment() {
+        let get = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_HEADERS" => Ok("Api-Key=a%20b, tenant=t1".to_string()),
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS" => Ok("tenant=t2".to_string()),
+            _ => Err(std::env::VarError::NotPresent),
+        };
+        assert_eq!(
+            otlp_headers(&get),
+            [
+                ("api-key".to_string(), "a b".to_string()),
+                ("tenant".to_string(), "t2".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn spans_in_the_otlp_message() {
+        let info = Arc::new(ProcessInfo {
+            pid: 3,
+            service_name: "svc".into(),
+            ..Default::default()
+        });
+        let span = |remote: bool, error: Option<&str>| Span {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            parent_span_id: Some([9; 8]),
+            parent_remote: remote,
+            link: None,
+            side: Side::Server,
+            name: "GET /x".into(),
+            start_unix_ns: 10,
+            end_unix_ns: 5,
+            attributes: vec![("http.response.status_code", Value::Int(500))],
+            error: error.map(String::from),
+            flags: 1,
+            trace_state: Some("k=v".into()),
+            process: info.clone(),
+        };
+        let p = proto_span(span(true, Some("boom")));
+        assert_eq!(p.trace_id, vec![7; 16]);
+        assert_eq!(p.parent_span_id, vec![9; 8]);
+        assert_eq!(p.flags, 1 | HAS_IS_REMOTE | IS_REMOTE);
+        assert_eq!(p.kind, SpanKind::Server as i32);
+        assert_eq!(p.end_time_unix_nano, 10, "never before the start");
+        assert_eq!(p.trace_state, "k=v");
+        let status = p.status.unwrap();
+        assert_eq!(
+            (status.code, status.message.as_str()),
+            (StatusCode::Error as i32, "boom")
+        );
+        assert_eq!(proto_span(span(false, None)).flags, 1 | HAS_IS_REMOTE);
+        // One resource per process, one scope.
+        let mut r = Resources::new("h".into());
+        let req = r.request(vec![span(false, None), span(false, None)]);
+        assert_eq!(req.resource_spans.len(), 1);
+        let rs = &req.resource_spans[0];
+        assert_eq!(rs.scope_spans[0].spans.len(), 2);
+        assert_eq!(rs.scope_spans[0].scope.as_ref().unwrap().name, "wirespan");
+        assert!(
+            rs.resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .iter()
+                .any(|kv| kv.key == "service.name"
+                    && kv.value.as_ref().and_then(|v| v.value.clone())
+                        == Some(any_value::Value::StringValue("svc".into())))
+        );
     }
 
     #[test]
