@@ -535,7 +535,6 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
         lost: Lost::default(),
         metrics: metrics.clone(),
         pods,
-        started: std::time::Instant::now(),
     };
     // Alive and ready before anyone is told so.
     tracer.publish();
@@ -608,7 +607,6 @@ struct Tracer<W: Write> {
     lost: Lost,
     metrics: Arc<Metrics>,
     pods: Option<Arc<Pods>>,
-    started: std::time::Instant,
 }
 
 impl<W: Write> Tracer<W> {
@@ -625,8 +623,7 @@ impl<W: Write> Tracer<W> {
 
     /// Time-based work of the selector and the stitcher, and the metrics' values.
     fn tick(&mut self) {
-        self.selector
-            .sweep(self.started.elapsed().as_nanos() as u64);
+        self.selector.sweep();
         self.stitcher.tick(&mut self.spans);
         self.hand_out();
         self.publish();
@@ -670,10 +667,7 @@ impl<W: Write> EventSink for Tracer<W> {
     fn event(&mut self, event: Result<SocketEvent<'_>, DecodeError>) {
         match event {
             Ok(ev) => {
-                if self
-                    .selector
-                    .admit(&ev, self.started.elapsed().as_nanos() as u64)
-                {
+                if self.selector.admit(&ev) {
                     self.stitcher.event(&ev, &mut self.spans)
                 }
             }
@@ -752,7 +746,6 @@ async fn capture(args: CaptureArgs, config: Config) -> anyhow::Result<()> {
         events: 0,
         decode_errors: 0,
         selector,
-        started: std::time::Instant::now(),
     };
     let lost = capture.run(&mut printer, shutdown_signal()).await?;
     let Printer {
@@ -779,17 +772,13 @@ struct Printer<W: Write> {
     events: u64,
     decode_errors: u64,
     selector: Selector,
-    started: std::time::Instant,
 }
 
 impl<W: Write> EventSink for Printer<W> {
     fn event(&mut self, event: Result<SocketEvent<'_>, DecodeError>) {
         match event {
             Ok(ev) => {
-                if !self
-                    .selector
-                    .admit(&ev, self.started.elapsed().as_nanos() as u64)
-                {
+                if !self.selector.admit(&ev) {
                     return;
                 }
                 self.events += 1;
@@ -810,8 +799,7 @@ impl<W: Write> EventSink for Printer<W> {
     }
 
     fn idle(&mut self, _lost: &Lost) {
-        self.selector
-            .sweep(self.started.elapsed().as_nanos() as u64);
+        self.selector.sweep();
         let _ = self.out.flush();
     }
 }

@@ -367,6 +367,11 @@ pub struct Selector {
     kernel: Option<PidFilter>,
     pods: Option<Arc<Pods>>,
     proc_root: PathBuf,
+    /// No rule at all: every event passes (decided once, checked per event).
+    all: bool,
+    started: std::time::Instant,
+    /// A coarse clock (ns since `started`), advanced by `sweep`: no clock read per event.
+    now: u64,
     last_sweep: u64,
     /// Pids given on the command line are decided in the kernel already; never swept.
     fixed: Vec<u32>,
@@ -396,31 +401,30 @@ impl Selector {
         fixed: Vec<u32>,
     ) -> Self {
         Self {
+            all: policy.include.is_empty() && policy.exclude.is_empty(),
             policy,
             decisions: FxHashMap::default(),
             kernel,
             pods,
             proc_root: PathBuf::from("/proc"),
+            started: std::time::Instant::now(),
+            now: 0,
             last_sweep: 0,
             fixed,
             stats: SelectStats::default(),
         }
     }
 
-    /// Nothing to decide: every event passes.
-    pub fn passes_all(&self) -> bool {
-        self.policy.include.is_empty() && self.policy.exclude.is_empty()
-    }
-
     pub fn tracked(&self) -> usize {
         self.decisions.len()
     }
 
-    /// Whether this event's process is traced. `now` is the agent's clock in ns.
-    pub fn admit(&mut self, ev: &SocketEvent<'_>, now: u64) -> bool {
-        if self.passes_all() {
+    /// Whether this event's process is traced.
+    pub fn admit(&mut self, ev: &SocketEvent<'_>) -> bool {
+        if self.all {
             return true;
         }
+        let now = self.now;
         let pid = ev.header.pid;
         // A server accepting on a selected port is selected at once.
         let accepted_port = matches!(ev.kind, EventKind::Accept).then(|| ev.local().port());
@@ -492,10 +496,12 @@ impl Selector {
         );
     }
 
-    /// Forgets processes that exited (or whose pid now names another process), here and in
-    /// the kernel. Cheap to call often: works at most every two seconds.
-    pub fn sweep(&mut self, now: u64) {
-        if now < self.last_sweep + SWEEP_NS {
+    /// Advances the clock, and forgets processes that exited (or whose pid now names another
+    /// process), here and in the kernel. Cheap to call often: sweeps at most every two seconds.
+    pub fn sweep(&mut self) {
+        self.now = self.started.elapsed().as_nanos() as u64;
+        let now = self.now;
+        if self.all || now < self.last_sweep + SWEEP_NS {
             return;
         }
         self.last_sweep = now;
