@@ -627,10 +627,16 @@ routes: ['/users/{id}']
         let defaults = serde_json::to_value(Config::default()).unwrap();
         let mut all = Vec::new();
         leaves("", &defaults, &mut all);
-        let names: Vec<String> = all.iter().map(|(p, _)| env_name(p)).collect();
-        assert!(names.contains(&"WIRESPAN_SELECT_K8S_LABELS".to_string()));
-        assert!(names.contains(&"WIRESPAN_TELEMETRY_ADDRESS".to_string()));
-        assert!(names.contains(&"WIRESPAN_KUBERNETES_NODE_NAME".to_string()));
-        assert_eq!(all.len(), names.len());
+        let names: std::collections::HashSet<String> =
+            all.iter().map(|(p, _)| env_name(p)).collect();
+        assert!(names.contains("WIRESPAN_SELECT_K8S_LABELS"));
+        assert!(names.contains("WIRESPAN_TELEMETRY_ADDRESS"));
+        assert!(names.contains("WIRESPAN_KUBERNETES_NODE_NAME"));
+        assert!(
+            names.contains("WIRESPAN_CAPTURE_BYTES"),
+            "the name the flag documents"
+        );
+        // No two settings share a variable.
+        assert_eq!(names.len(), all.len());
     }
 }
