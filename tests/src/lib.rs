@@ -347,6 +347,22 @@ impl PyClient {
         })
     }
 
+    /// A keep-alive connection to `port` that has carried one request and waits (for
+    /// `resume`) before its second; also returns the client's `connected` report.
+    pub fn paused_after_one(port: u16) -> anyhow::Result<(Self, serde_json::Value)> {
+        let client = Self::start(&[
+            "--port",
+            &port.to_string(),
+            "--requests",
+            "2",
+            "--pause-after",
+            "1",
+        ])?;
+        let connected = client.next("connected")?;
+        client.next("paused")?;
+        Ok((client, connected))
+    }
+
     pub fn next(&self, event: &str) -> anyhow::Result<serde_json::Value> {
         loop {
             let line = self
@@ -535,8 +551,19 @@ impl SpanAgent {
 
     /// Starts the agent exporting over gRPC to `receiver`.
     pub fn to(receiver: &otlp::Receiver) -> anyhow::Result<Self> {
+        Self::to_with(receiver, &[], &[])
+    }
+
+    /// As `to`, with extra flags and environment variables.
+    pub fn to_with(
+        receiver: &otlp::Receiver,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let endpoint = format!("http://{}", receiver.grpc);
-        Self::start(&["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"])
+        let mut args = vec!["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"];
+        args.extend_from_slice(extra);
+        Self::start_with_env(&args, env)
     }
 
     pub fn pid(&self) -> u32 {

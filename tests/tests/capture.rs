@@ -248,17 +248,7 @@ fn connection_opened_before_the_agent_started() {
     require_privileges!();
     let port = free_port();
     let server = python_server("127.0.0.1", port).unwrap();
-    let mut client = PyClient::start(&[
-        "--port",
-        &port.to_string(),
-        "--requests",
-        "2",
-        "--pause-after",
-        "1",
-    ])
-    .unwrap();
-    let connected = client.next("connected").unwrap();
-    client.next("paused").unwrap();
+    let (mut client, connected) = PyClient::paused_after_one(port).unwrap();
     // The connection exists and has carried one request; only now does capture start.
     let agent = Agent::start(&[]).unwrap();
     client.resume().unwrap();

@@ -99,12 +99,7 @@ fn secrets_in_real_traffic_are_never_exported_logged_or_shown() {
     };
     // Over OTLP, with --log-spans and debug logs.
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent = SpanAgent::start_with_env(
-        &["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"],
-        &[("RUST_LOG", "debug")],
-    )
-    .unwrap();
+    let agent = SpanAgent::to_with(&receiver, &[], &[("RUST_LOG", "debug")]).unwrap();
     send();
     let (stdout, stderr) = agent.stop().unwrap();
     let spans = receiver.wait_for(Duration::from_secs(10), |s| s.len() >= 2);
@@ -149,15 +144,7 @@ fn query_values_are_exported_only_with_the_explicit_opt_out() {
     let port = free_port();
     let _server = chain_python("plainq", port, None).unwrap();
     let receiver = Receiver::start().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent = SpanAgent::start(&[
-        "--otlp-endpoint",
-        &endpoint,
-        "--otlp-protocol",
-        "grpc",
-        "--keep-query-values",
-    ])
-    .unwrap();
+    let agent = SpanAgent::to_with(&receiver, &["--keep-query-values"], &[]).unwrap();
     curl(&[&format!("http://127.0.0.1:{port}/q?page=2")]).unwrap();
     agent.stop().unwrap();
     let spans = receiver.wait_for(Duration::from_secs(10), |s| s.len() >= 2);
@@ -396,17 +383,7 @@ fn sigkill_leaves_no_programs_and_a_restart_picks_up_open_connections() {
     let ours = wirespan_programs() - before;
     assert!(ours > 20, "{ours} programs attached");
     // A keep-alive connection opened while the first agent runs, idle across its death.
-    let mut client = wirespan_tests::PyClient::start(&[
-        "--port",
-        &port.to_string(),
-        "--requests",
-        "2",
-        "--pause-after",
-        "1",
-    ])
-    .unwrap();
-    let connected = client.next("connected").unwrap();
-    client.next("paused").unwrap();
+    let (mut client, connected) = wirespan_tests::PyClient::paused_after_one(port).unwrap();
     let killed = agent.pid();
     // SAFETY: SIGKILL to the agent we started, by its PID.
     unsafe { libc::kill(killed as i32, libc::SIGKILL) };
@@ -438,16 +415,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     let port = free_port();
     let _nginx = nginx(port, &dir.0).unwrap();
     let receiver = Receiver::start_counting().unwrap();
-    let endpoint = format!("http://{}", receiver.grpc);
-    let agent = SpanAgent::start(&[
-        "--otlp-endpoint",
-        &endpoint,
-        "--otlp-protocol",
-        "grpc",
-        "--ring-mib",
-        "1",
-    ])
-    .unwrap();
+    let agent = SpanAgent::to_with(&receiver, &["--ring-mib", "1"], &[]).unwrap();
     let wrk = Command::new("wrk")
         .args(["-t2", "-c64", "-d4s"])
         .arg(format!("http://127.0.0.1:{port}/load"))
