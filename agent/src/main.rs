@@ -318,10 +318,12 @@ fn load_config(file: Option<&std::path::Path>, overrides: &Overrides) -> Config 
     }
 }
 
+/// mimalloc: glibc's malloc took a third of the agent's CPU at saturation (lock contention
+/// between the event thread and the export thread, consolidation on free); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
-    // Two malloc arenas are enough for two worker threads; more only hold freed memory.
-    // SAFETY: mallopt has no preconditions; called before any thread starts.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let cli = Cli::parse();
     let (mode, args) = match cli.command {
         Some(Command::Capture(args)) => {

@@ -218,10 +218,6 @@ impl Capture {
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })
             .ok();
-        // Parsing BTF and the object took memory that is free now; give it back to the system
-        // so the agent's resident size is its steady state, not its start-up.
-        // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
         Ok(Self {
             _ebpf: ebpf,
             events,

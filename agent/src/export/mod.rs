@@ -1,8 +1,8 @@
 //! Sending spans: over OTLP (gRPC by tonic, or HTTP/protobuf by reqwest) to any backend, or
 //! into the embedded in-memory store behind the Jaeger UI (`otlp-embedded`).
 //!
-//! Spans are encoded straight into the OTLP protobuf types (`opentelemetry-proto`): no SDK span
-//! objects in between. They go through a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`) to one export
+//! Spans are encoded straight into OTLP protobuf bytes ([`wire`]): no SDK span objects or
+//! generated messages in between. They go through a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`) to one export
 //! task that sends batches (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) at least every
 //! `OTEL_BSP_SCHEDULE_DELAY`, each batch one request with a resource per traced process. A full
 //! queue drops spans and counts them; memory never grows without bound.
@@ -18,19 +18,16 @@ use std::{
 };
 
 use anyhow::Context as _;
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
-    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
-    resource::v1::Resource,
-    trace::v1::{ResourceSpans, ScopeSpans, Status, span::SpanKind, status::StatusCode},
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::{
+    Message as _,
+    bytes::{Buf as _, BufMut as _, Bytes},
 };
-use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::{
-    http::attributes::{Side, Value},
-    trace::{Span, process::ProcessInfo},
-};
+use crate::trace::{Span, process::ProcessInfo};
+
+pub mod wire;
 
 /// Where spans go.
 #[derive(Clone, Debug)]
@@ -221,7 +218,8 @@ enum Sink {
 }
 
 impl Sink {
-    async fn export(self, request: ExportTraceServiceRequest) -> anyhow::Result<()> {
+    /// Sends one encoded `ExportTraceServiceRequest`.
+    async fn export(self, request: Bytes) -> anyhow::Result<()> {
         match self {
             Sink::Otlp(t) => t.export(request).await,
             Sink::Embedded(service) => embedded_export(&service, request).await,
@@ -232,7 +230,7 @@ impl Sink {
 /// An OTLP connection and what each request carries.
 enum Transport {
     Grpc {
-        client: TraceServiceClient<tonic::transport::Channel>,
+        channel: tonic::transport::Channel,
         headers: tonic::metadata::MetadataMap,
         timeout: Duration,
     },
@@ -296,7 +294,7 @@ impl Transport {
                     metadata.insert(key, value);
                 }
                 Self::Grpc {
-                    client: TraceServiceClient::new(channel),
+                    channel,
                     headers: metadata,
                     timeout,
                 }
@@ -334,22 +332,29 @@ impl Transport {
         })
     }
 
-    async fn export(&self, request: ExportTraceServiceRequest) -> anyhow::Result<()> {
+    async fn export(&self, request: Bytes) -> anyhow::Result<()> {
         match self {
             Self::Grpc {
-                client,
+                channel,
                 headers,
                 timeout,
             } => {
                 let mut req = tonic::Request::new(request);
                 *req.metadata_mut() = headers.clone();
                 req.set_timeout(*timeout);
+                let grpc_error = |s: tonic::Status| {
+                    anyhow::anyhow!("OTLP/gRPC: {:?}: {}", s.code(), s.message())
+                };
                 // A handle on the same connection.
-                let mut client = client.clone();
-                let resp = client
-                    .export(req)
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready()
                     .await
-                    .map_err(|s| anyhow::anyhow!("OTLP/gRPC: {:?}: {}", s.code(), s.message()))?;
+                    .map_err(|e| anyhow::anyhow!("OTLP/gRPC: {e}"))?;
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                let resp = grpc
+                    .unary(req, path, EncodedCodec)
+                    .await
+                    .map_err(grpc_error)?;
                 if let Some(p) = resp.into_inner().partial_success
                     && p.rejected_spans > 0
                 {
@@ -371,7 +376,7 @@ impl Transport {
                     .post(url)
                     .headers(headers.clone())
                     .timeout(*timeout)
-                    .body(request.encode_to_vec())
+                    .body(request)
                     .send()
                     .await?;
                 let status = resp.status();
@@ -385,6 +390,56 @@ impl Transport {
                 Ok(())
             }
         }
+    }
+}
+
+/// The OTLP trace service's one method.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// gRPC codec for a request encoded already ([`wire`]) and the service's response.
+#[derive(Clone, Copy, Default)]
+struct EncodedCodec;
+
+impl tonic::codec::Codec for EncodedCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Self
+    }
+}
+
+impl tonic::codec::Encoder for EncodedCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EncodedCodec {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, tonic::Status> {
+        let item = ExportTraceServiceResponse::decode(src.copy_to_bytes(src.remaining()))
+            .map_err(|e| tonic::Status::internal(format!("OTLP response: {e}")))?;
+        Ok(Some(item))
     }
 }
 
@@ -414,7 +469,8 @@ async fn run(
             continue;
         }
         let n = batch.len() as u64;
-        let request = resources.request(std::mem::take(&mut batch));
+        let request = resources.request(&batch);
+        batch.clear();
         while in_flight.len() >= batching.max_concurrent {
             let _ = in_flight.join_next().await;
         }
@@ -441,11 +497,14 @@ async fn run(
     while in_flight.join_next().await.is_some() {}
 }
 
-/// The OTLP resource of each traced process, built once per process (and again when what is
+/// The OTLP resource of each traced process, encoded once per process (and again when what is
 /// known about it changes).
 struct Resources {
     host: String,
-    by_pid: HashMap<u32, (Arc<ProcessInfo>, Resource)>,
+    by_pid: HashMap<u32, (Arc<ProcessInfo>, Arc<[u8]>)>,
+    scope: Vec<u8>,
+    /// Scratch space for the encoder.
+    lens: Vec<usize>,
 }
 
 impl Resources {
@@ -453,77 +512,62 @@ impl Resources {
         Self {
             host,
             by_pid: HashMap::new(),
+            scope: wire::scope(),
+            lens: Vec::new(),
         }
     }
 
-    fn get(&mut self, info: &Arc<ProcessInfo>) -> Resource {
+    fn get(&mut self, info: &Arc<ProcessInfo>) -> Arc<[u8]> {
         if let Some((known, r)) = self.by_pid.get(&info.pid)
             && (Arc::ptr_eq(known, info) || **known == **info)
         {
             return r.clone();
         }
-        let r = resource(info, &self.host);
-        self.by_pid.insert(info.pid, (info.clone(), r.clone()));
+        let r: Arc<[u8]> = wire::resource(&info.resource(&self.host)).into();
         // Forget processes that no longer send spans: bounded by the processes of one batch
         // window at a time.
-        if self.by_pid.len() > 4096 {
+        if self.by_pid.len() >= 4096 {
             self.by_pid.clear();
         }
+        self.by_pid.insert(info.pid, (info.clone(), r.clone()));
         r
     }
 
-    /// One request for a batch: a resource per process, one scope, the spans.
-    fn request(&mut self, spans: Vec<Span>) -> ExportTraceServiceRequest {
-        let mut groups: Vec<(
-            Arc<ProcessInfo>,
-            Vec<opentelemetry_proto::tonic::trace::v1::Span>,
-        )> = Vec::new();
+    /// One encoded `ExportTraceServiceRequest` for a batch: a resource per process, one scope,
+    /// the spans.
+    fn request(&mut self, spans: &[Span]) -> Bytes {
+        let mut owners: Vec<&Arc<ProcessInfo>> = Vec::new();
+        let mut groups: Vec<wire::Group<'_>> = Vec::new();
         for s in spans {
-            let info = s.process.clone();
-            let span = proto_span(s);
-            match groups
-                .iter_mut()
-                .find(|(p, _)| Arc::ptr_eq(p, &info) || **p == *info)
+            let info = &s.process;
+            match owners
+                .iter()
+                .position(|p| Arc::ptr_eq(p, info) || ***p == **info)
             {
-                Some((_, v)) => v.push(span),
-                None => groups.push((info, vec![span])),
+                Some(i) => groups[i].spans.push(s),
+                None => {
+                    owners.push(info);
+                    groups.push(wire::Group {
+                        resource: self.get(info),
+                        spans: vec![s],
+                    });
+                }
             }
         }
-        let resource_spans = groups
-            .into_iter()
-            .map(|(info, spans)| ResourceSpans {
-                resource: Some(self.get(&info)),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope()),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            })
-            .collect();
-        ExportTraceServiceRequest { resource_spans }
-    }
-}
-
-fn scope() -> InstrumentationScope {
-    InstrumentationScope {
-        name: "wirespan".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        ..Default::default()
+        let mut out = Vec::new();
+        wire::request(&mut out, &groups, &self.scope, &mut self.lens);
+        out.into()
     }
 }
 
 async fn embedded_export(
     service: &otlp_embedded::TraceServiceImpl,
-    request: ExportTraceServiceRequest,
+    request: Bytes,
 ) -> anyhow::Result<()> {
     use otlp_embedded::TraceService as _;
-    // The store has its own generated types of the same schema: convert through the wire
-    // format.
-    let bytes = request.encode_to_vec();
-    let request = otlp_embedded::proto::collector::trace::v1::ExportTraceServiceRequest::decode(
-        bytes.as_slice(),
-    )?;
+    // The store has its own generated types of the same schema: decode the wire format.
+    let request =
+        otlp_embedded::proto::collector::trace::v1::ExportTraceServiceRequest::decode(request)?;
     service
         .export(tonic::Request::new(request))
         .await
@@ -531,66 +575,10 @@ async fn embedded_export(
     Ok(())
 }
 
-fn kv(key: impl Into<String>, v: &Value) -> KeyValue {
-    let value = match v {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
-        Value::Int(i) => any_value::Value::IntValue(*i),
-    };
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
-/// The OTLP resource of a process.
-pub fn resource(info: &ProcessInfo, host: &str) -> Resource {
-    Resource {
-        attributes: info
-            .resource(host)
-            .into_iter()
-            .map(|(k, v)| kv(k, &v))
-            .collect(),
-        ..Default::default()
-    }
-}
-
-/// OTLP span flags: the W3C trace flags, and whether the parent is remote (bits 8 and 9, as
-/// the SDKs set them).
-const HAS_IS_REMOTE: u32 = 0x100;
-const IS_REMOTE: u32 = 0x200;
-
-/// Our span as the OTLP message.
-pub fn proto_span(s: Span) -> opentelemetry_proto::tonic::trace::v1::Span {
-    let status = match s.error {
-        Some(message) => Status {
-            code: StatusCode::Error as i32,
-            message,
-        },
-        None => Status::default(),
-    };
-    opentelemetry_proto::tonic::trace::v1::Span {
-        trace_id: s.trace_id.to_vec(),
-        span_id: s.span_id.to_vec(),
-        trace_state: s.trace_state.unwrap_or_default(),
-        parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
-        flags: u32::from(s.flags) | HAS_IS_REMOTE | if s.parent_remote { IS_REMOTE } else { 0 },
-        name: s.name,
-        kind: match s.side {
-            Side::Server => SpanKind::Server,
-            Side::Client => SpanKind::Client,
-        } as i32,
-        start_time_unix_nano: s.start_unix_ns,
-        end_time_unix_nano: s.end_unix_ns.max(s.start_unix_ns),
-        attributes: s.attributes.iter().map(|(k, v)| kv(*k, v)).collect(),
-        status: Some(status),
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::attributes::Side;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
@@ -618,58 +606,68 @@ mod tests {
     }
 
     #[test]
-    fn spans_in_the_otlp_message() {
-        let info = Arc::new(ProcessInfo {
-            pid: 3,
-            service_name: "svc".into(),
-            ..Default::default()
-        });
-        let span = |remote: bool, error: Option<&str>| Span {
+    fn one_resource_per_process() {
+        use opentelemetry_proto::tonic::{
+            collector::trace::v1::ExportTraceServiceRequest, common::v1::any_value,
+        };
+        let process = |pid: u32, name: &str| {
+            Arc::new(ProcessInfo {
+                pid,
+                service_name: name.into(),
+                ..Default::default()
+            })
+        };
+        let (a, b) = (process(3, "svc"), process(4, "other"));
+        // An equal description in another allocation is the same process.
+        let a2 = process(3, "svc");
+        let span = |info: &Arc<ProcessInfo>, id: u8| Span {
             trace_id: [7; 16],
-            span_id: [8; 8],
-            parent_span_id: Some([9; 8]),
-            parent_remote: remote,
+            span_id: [id; 8],
+            parent_span_id: None,
+            parent_remote: false,
             link: None,
             side: Side::Server,
-            name: "GET /x".into(),
-            start_unix_ns: 10,
-            end_unix_ns: 5,
-            attributes: vec![("http.response.status_code", Value::Int(500))],
-            error: error.map(String::from),
+            name: "GET".into(),
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            attributes: Vec::new(),
+            error: None,
             flags: 1,
-            trace_state: Some("k=v".into()),
+            trace_state: None,
             process: info.clone(),
         };
-        let p = proto_span(span(true, Some("boom")));
-        assert_eq!(p.trace_id, vec![7; 16]);
-        assert_eq!(p.parent_span_id, vec![9; 8]);
-        assert_eq!(p.flags, 1 | HAS_IS_REMOTE | IS_REMOTE);
-        assert_eq!(p.kind, SpanKind::Server as i32);
-        assert_eq!(p.end_time_unix_nano, 10, "never before the start");
-        assert_eq!(p.trace_state, "k=v");
-        let status = p.status.unwrap();
-        assert_eq!(
-            (status.code, status.message.as_str()),
-            (StatusCode::Error as i32, "boom")
-        );
-        assert_eq!(proto_span(span(false, None)).flags, 1 | HAS_IS_REMOTE);
-        // One resource per process, one scope.
         let mut r = Resources::new("h".into());
-        let req = r.request(vec![span(false, None), span(false, None)]);
-        assert_eq!(req.resource_spans.len(), 1);
-        let rs = &req.resource_spans[0];
-        assert_eq!(rs.scope_spans[0].spans.len(), 2);
-        assert_eq!(rs.scope_spans[0].scope.as_ref().unwrap().name, "wirespan");
-        assert!(
-            rs.resource
+        let batch = [span(&a, 1), span(&b, 2), span(&a2, 3)];
+        let req = ExportTraceServiceRequest::decode(r.request(&batch)).unwrap();
+        assert_eq!(req.resource_spans.len(), 2);
+        let service = |i: usize| {
+            req.resource_spans[i]
+                .resource
                 .as_ref()
                 .unwrap()
                 .attributes
                 .iter()
-                .any(|kv| kv.key == "service.name"
-                    && kv.value.as_ref().and_then(|v| v.value.clone())
-                        == Some(any_value::Value::StringValue("svc".into())))
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref()?.value.clone())
+        };
+        assert_eq!(
+            service(0),
+            Some(any_value::Value::StringValue("svc".into()))
         );
+        assert_eq!(
+            service(1),
+            Some(any_value::Value::StringValue("other".into()))
+        );
+        let ids = |i: usize| -> Vec<u8> {
+            req.resource_spans[i].scope_spans[0]
+                .spans
+                .iter()
+                .map(|s| s.span_id[0])
+                .collect()
+        };
+        assert_eq!((ids(0), ids(1)), (vec![1, 3], vec![2]));
+        // The resource is encoded once per process and reused.
+        assert!(Arc::ptr_eq(&r.get(&a), &r.get(&a2)));
     }
 
     #[test]

@@ -1,0 +1,378 @@
+//! OTLP protobuf encoding of spans, written straight into one buffer per export request.
+//!
+//! Building the generated `opentelemetry-proto` messages first cost an allocation per
+//! attribute, a drop of each afterwards and a second pass to encode them: about a third of the
+//! agent's CPU per span at saturation (docs/BENCHMARKS.md). The shapes here are the OTLP
+//! `collector/trace/v1` and `trace/v1` schema's; the tests decode the output with the generated
+//! types, so a wrong field number or length fails them.
+//!
+//! Every message's length is computed before it is written (protobuf puts lengths in front),
+//! so nothing is written twice and nothing is moved.
+
+use std::sync::Arc;
+
+use crate::{
+    http::attributes::{Side, Value},
+    trace::Span,
+};
+
+const VARINT: u32 = 0;
+const FIXED64: u32 = 1;
+const LEN: u32 = 2;
+const FIXED32: u32 = 5;
+
+/// OTLP span flags: the W3C trace flags, and whether the parent is remote (bits 8 and 9, as
+/// the SDKs set them).
+pub const HAS_IS_REMOTE: u32 = 0x100;
+pub const IS_REMOTE: u32 = 0x200;
+
+/// `SpanKind` values.
+const KIND_SERVER: u64 = 2;
+const KIND_CLIENT: u64 = 3;
+/// `StatusCode::STATUS_CODE_ERROR`.
+const STATUS_ERROR: u64 = 2;
+
+fn varint_len(v: u64) -> usize {
+    ((64 - (v | 1).leading_zeros()) as usize).div_ceil(7)
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn key_len(field: u32) -> usize {
+    varint_len(u64::from(field) << 3)
+}
+
+fn put_key(buf: &mut Vec<u8>, field: u32, wire: u32) {
+    put_varint(buf, u64::from(field << 3 | wire));
+}
+
+/// Size of a length-delimited field whose content is `n` bytes.
+fn len_field(field: u32, n: usize) -> usize {
+    key_len(field) + varint_len(n as u64) + n
+}
+
+fn put_len(buf: &mut Vec<u8>, field: u32, n: usize) {
+    put_key(buf, field, LEN);
+    put_varint(buf, n as u64);
+}
+
+fn put_bytes(buf: &mut Vec<u8>, field: u32, b: &[u8]) {
+    put_len(buf, field, b.len());
+    buf.extend_from_slice(b);
+}
+
+fn put_fixed64(buf: &mut Vec<u8>, field: u32, v: u64) {
+    put_key(buf, field, FIXED64);
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+
+/// `AnyValue` content.
+fn any_value_len(v: &Value) -> usize {
+    match v {
+        Value::Str(s) => len_field(1, s.len()),
+        // int64 is a varint of the two's complement (10 bytes when negative).
+        Value::Int(i) => key_len(3) + varint_len(*i as u64),
+    }
+}
+
+/// `KeyValue` content.
+fn key_value_len(key: &str, v: &Value) -> usize {
+    len_field(1, key.len()) + len_field(2, any_value_len(v))
+}
+
+fn put_key_value(buf: &mut Vec<u8>, field: u32, key: &str, v: &Value) {
+    put_len(buf, field, key_value_len(key, v));
+    put_bytes(buf, 1, key.as_bytes());
+    put_len(buf, 2, any_value_len(v));
+    match v {
+        Value::Str(s) => put_bytes(buf, 1, s.as_bytes()),
+        Value::Int(i) => {
+            put_key(buf, 3, VARINT);
+            put_varint(buf, *i as u64);
+        }
+    }
+}
+
+/// `Status` content of an error span.
+fn status_len(message: &str) -> usize {
+    (if message.is_empty() {
+        0
+    } else {
+        len_field(2, message.len())
+    }) + key_len(3)
+        + 1
+}
+
+/// `Span` content.
+fn span_len(s: &Span) -> usize {
+    let mut n = len_field(1, 16) + len_field(2, 8);
+    if let Some(ts) = s.trace_state.as_deref().filter(|t| !t.is_empty()) {
+        n += len_field(3, ts.len());
+    }
+    if s.parent_span_id.is_some() {
+        n += len_field(4, 8);
+    }
+    if !s.name.is_empty() {
+        n += len_field(5, s.name.len());
+    }
+    // kind, start and end, flags.
+    n += key_len(6) + 1 + 2 * (key_len(7) + 8) + key_len(16) + 4;
+    for (k, v) in &s.attributes {
+        n += len_field(9, key_value_len(k, v));
+    }
+    if let Some(message) = &s.error {
+        n += len_field(15, status_len(message));
+    }
+    n
+}
+
+fn put_span(buf: &mut Vec<u8>, s: &Span, len: usize) {
+    let start = buf.len();
+    put_bytes(buf, 1, &s.trace_id);
+    put_bytes(buf, 2, &s.span_id);
+    if let Some(ts) = s.trace_state.as_deref().filter(|t| !t.is_empty()) {
+        put_bytes(buf, 3, ts.as_bytes());
+    }
+    if let Some(parent) = &s.parent_span_id {
+        put_bytes(buf, 4, parent);
+    }
+    if !s.name.is_empty() {
+        put_bytes(buf, 5, s.name.as_bytes());
+    }
+    put_key(buf, 6, VARINT);
+    put_varint(
+        buf,
+        match s.side {
+            Side::Server => KIND_SERVER,
+            Side::Client => KIND_CLIENT,
+        },
+    );
+    put_fixed64(buf, 7, s.start_unix_ns);
+    put_fixed64(buf, 8, s.end_unix_ns.max(s.start_unix_ns));
+    for (k, v) in &s.attributes {
+        put_key_value(buf, 9, k, v);
+    }
+    if let Some(message) = &s.error {
+        put_len(buf, 15, status_len(message));
+        if !message.is_empty() {
+            put_bytes(buf, 2, message.as_bytes());
+        }
+        put_key(buf, 3, VARINT);
+        put_varint(buf, STATUS_ERROR);
+    }
+    let flags = u32::from(s.flags) | HAS_IS_REMOTE | if s.parent_remote { IS_REMOTE } else { 0 };
+    put_key(buf, 16, FIXED32);
+    buf.extend_from_slice(&flags.to_le_bytes());
+    debug_assert_eq!(
+        buf.len() - start,
+        len,
+        "span length computed and written differ"
+    );
+}
+
+/// A `Resource` message's content: its attributes.
+pub fn resource(attributes: &[(String, Value)]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for (k, v) in attributes {
+        put_key_value(&mut buf, 1, k, v);
+    }
+    buf
+}
+
+/// The `InstrumentationScope` content of every span: wirespan and its version.
+pub fn scope() -> Vec<u8> {
+    let mut buf = Vec::new();
+    put_bytes(&mut buf, 1, b"wirespan");
+    put_bytes(&mut buf, 2, env!("CARGO_PKG_VERSION").as_bytes());
+    buf
+}
+
+/// One `ResourceSpans`: a process's resource and its spans of the batch.
+pub struct Group<'a> {
+    /// The encoded `Resource` content (see [`resource`]).
+    pub resource: Arc<[u8]>,
+    pub spans: Vec<&'a Span>,
+}
+
+/// Encodes an `ExportTraceServiceRequest` into `out` (cleared first). `lens` is scratch space
+/// kept by the caller between requests.
+pub fn request(out: &mut Vec<u8>, groups: &[Group<'_>], scope: &[u8], lens: &mut Vec<usize>) {
+    out.clear();
+    for g in groups {
+        lens.clear();
+        lens.extend(g.spans.iter().map(|s| span_len(s)));
+        let scope_spans =
+            len_field(1, scope.len()) + lens.iter().map(|&n| len_field(2, n)).sum::<usize>();
+        let resource_spans = len_field(1, g.resource.len()) + len_field(2, scope_spans);
+        out.reserve(len_field(1, resource_spans));
+        put_len(out, 1, resource_spans);
+        put_bytes(out, 1, &g.resource);
+        put_len(out, 2, scope_spans);
+        put_bytes(out, 1, scope);
+        for (s, &n) in g.spans.iter().zip(lens.iter()) {
+            put_len(out, 2, n);
+            put_span(out, s, n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
+        common::v1::any_value,
+        trace::v1::{span::SpanKind, status::StatusCode},
+    };
+    use prost::Message as _;
+
+    use super::*;
+    use crate::trace::process::ProcessInfo;
+
+    fn span(remote: bool, error: Option<&str>, attributes: Vec<(&'static str, Value)>) -> Span {
+        Span {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            parent_span_id: Some([9; 8]),
+            parent_remote: remote,
+            link: None,
+            side: Side::Server,
+            name: "GET /x".into(),
+            start_unix_ns: 10,
+            end_unix_ns: 5,
+            attributes,
+            error: error.map(String::from),
+            flags: 1,
+            trace_state: Some("k=v".into()),
+            process: Arc::new(ProcessInfo::default()),
+        }
+    }
+
+    fn decode(groups: &[Group<'_>]) -> ExportTraceServiceRequest {
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        request(&mut out, groups, &scope(), &mut lens);
+        ExportTraceServiceRequest::decode(out.as_slice()).expect("a valid OTLP request")
+    }
+
+    #[test]
+    fn varint_sizes() {
+        for (v, n) in [
+            (0u64, 1),
+            (127, 1),
+            (128, 2),
+            (16_383, 2),
+            (16_384, 3),
+            (u64::MAX, 10),
+        ] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!((b.len(), varint_len(v)), (n, n), "{v}");
+        }
+    }
+
+    #[test]
+    fn spans_decode_as_otlp() {
+        let long = "y".repeat(300);
+        let a = span(
+            true,
+            Some("boom"),
+            vec![
+                ("http.response.status_code", Value::Int(500)),
+                ("negative", Value::Int(-3)),
+                ("zero", Value::Int(0)),
+                ("url.path", Value::Str("/x".into())),
+                ("empty", Value::Str(String::new())),
+                ("long", Value::Str(long.clone())),
+            ],
+        );
+        let mut b = span(false, Some(""), Vec::new());
+        b.side = Side::Client;
+        b.parent_span_id = None;
+        b.trace_state = None;
+        let mut c = span(false, None, Vec::new());
+        c.name = String::new();
+        let resource: Arc<[u8]> = resource(&[
+            ("service.name".into(), Value::Str("svc".into())),
+            ("process.pid".into(), Value::Int(3)),
+        ])
+        .into();
+        let other = resource_of("other");
+        let req = decode(&[
+            Group {
+                resource,
+                spans: vec![&a, &b],
+            },
+            Group {
+                resource: other,
+                spans: vec![&c],
+            },
+        ]);
+        assert_eq!(req.resource_spans.len(), 2);
+        let rs = &req.resource_spans[0];
+        let attrs = &rs.resource.as_ref().unwrap().attributes;
+        assert_eq!(attrs[0].key, "service.name");
+        assert_eq!(
+            attrs[0].value.as_ref().unwrap().value,
+            Some(any_value::Value::StringValue("svc".into()))
+        );
+        assert_eq!(
+            attrs[1].value.as_ref().unwrap().value,
+            Some(any_value::Value::IntValue(3))
+        );
+        let scope = rs.scope_spans[0].scope.as_ref().unwrap();
+        assert_eq!(
+            (scope.name.as_str(), scope.version.as_str()),
+            ("wirespan", env!("CARGO_PKG_VERSION"))
+        );
+        let spans = &rs.scope_spans[0].spans;
+        assert_eq!(spans.len(), 2);
+        let p = &spans[0];
+        assert_eq!(p.trace_id, vec![7; 16]);
+        assert_eq!(p.span_id, vec![8; 8]);
+        assert_eq!(p.parent_span_id, vec![9; 8]);
+        assert_eq!(p.flags, 1 | HAS_IS_REMOTE | IS_REMOTE);
+        assert_eq!(p.kind, SpanKind::Server as i32);
+        assert_eq!(p.name, "GET /x");
+        assert_eq!(p.start_time_unix_nano, 10);
+        assert_eq!(p.end_time_unix_nano, 10, "never before the start");
+        assert_eq!(p.trace_state, "k=v");
+        let status = p.status.as_ref().unwrap();
+        assert_eq!(
+            (status.code, status.message.as_str()),
+            (StatusCode::Error as i32, "boom")
+        );
+        let value = |i: usize| p.attributes[i].value.as_ref().unwrap().value.clone();
+        assert_eq!(p.attributes.len(), 6);
+        assert_eq!(value(0), Some(any_value::Value::IntValue(500)));
+        assert_eq!(value(1), Some(any_value::Value::IntValue(-3)));
+        assert_eq!(value(2), Some(any_value::Value::IntValue(0)));
+        assert_eq!(value(3), Some(any_value::Value::StringValue("/x".into())));
+        assert_eq!(value(4), Some(any_value::Value::StringValue(String::new())));
+        assert_eq!(value(5), Some(any_value::Value::StringValue(long)));
+        assert_eq!(p.attributes[5].key, "long");
+        let q = &spans[1];
+        assert_eq!(q.kind, SpanKind::Client as i32);
+        assert_eq!(q.flags, 1 | HAS_IS_REMOTE);
+        assert!(q.parent_span_id.is_empty() && q.trace_state.is_empty());
+        assert_eq!(q.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        let r = &req.resource_spans[1];
+        assert_eq!(r.scope_spans[0].spans.len(), 1);
+        let unset = &r.scope_spans[0].spans[0];
+        assert!(unset.name.is_empty());
+        assert_eq!(unset.status, None, "no status: unset");
+    }
+
+    fn resource_of(name: &str) -> Arc<[u8]> {
+        resource(&[("service.name".into(), Value::Str(name.into()))]).into()
+    }
+
+    #[test]
+    fn empty_batch_is_an_empty_request() {
+        assert!(decode(&[]).resource_spans.is_empty());
+    }
+}
