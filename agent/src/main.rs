@@ -318,12 +318,8 @@ fn load_config(file: Option<&std::path::Path>, overrides: &Overrides) -> Config 
     }
 }
 
-/// mimalloc: glibc's malloc took a third of the agent's CPU at saturation (lock contention
-/// between the event thread and the export thread, consolidation on free); see BENCHMARKS.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
+    wirespan::return_freed_memory_at_once();
     let cli = Cli::parse();
     let (mode, args) = match cli.command {
         Some(Command::Capture(args)) => {

@@ -126,6 +126,8 @@ impl Capture {
         let tracefs = layout::tracefs()?;
         let btf = KernelBtf::open(Path::new(KernelBtf::DEFAULT_PATH))?;
         let mut kernel_layout = layout::derive(&tracefs, &btf)?;
+        // The parsed kernel BTF is tens of MiB; the layout is all the programs need from it.
+        drop(btf);
         if config.inert {
             kernel_layout.valid = 0;
         }
@@ -137,7 +139,11 @@ impl Capture {
                 pid_filter::ONLY_LISTED
             },
         };
+        // No kernel BTF for the loader: the programs read kernel structures at the offsets in
+        // LAYOUT (derived above), not through CO-RE relocations, and parsing vmlinux BTF a
+        // second time was most of the agent's start-up memory peak.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global(names::LAYOUT, &kernel_layout, true)
             .override_global(names::SETTINGS, &settings, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
@@ -218,6 +224,9 @@ impl Capture {
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })
             .ok();
+        // Parsing BTF and the object took memory that is free now; give it back to the system
+        // so the agent's resident size is its steady state, not its start-up.
+        crate::release_free_memory();
         Ok(Self {
             _ebpf: ebpf,
             events,
