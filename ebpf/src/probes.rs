@@ -6,7 +6,10 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -299,7 +302,92 @@ fn starts_like_request(data: &[u8]) -> bool {
     )
 }
 
-/// Exit of a data syscall: report `ret` bytes, with a prefix, in `dir`.
+/// Offsets in the kernel's saved user registers (`struct pt_regs`) of the first four syscall
+/// arguments. A syscall leaves them as they were at entry, so an exit program can read them.
+/// x86_64: di, si, dx, r10; arm64: orig_x0 (x0 holds the return value by then), x1, x2, x3.
+/// The agent checks these against the kernel's BTF before loading.
+#[cfg(bpf_target_arch = "x86_64")]
+const REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
+#[cfg(bpf_target_arch = "aarch64")]
+const REGS_ARGS: [usize; 4] = [272, 8, 16, 24];
+
+/// The current syscall's arguments `at`, read at its exit (see `REGS_ARGS`).
+#[inline(always)]
+fn exit_args(at: Args) -> Option<(i64, u64, u64, u32)> {
+    // SAFETY: both helpers take and return kernel pointers the verifier tracks by BTF; the
+    // registers are copied out through bpf_probe_read_kernel, which tolerates any address.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let get = |index: u32| -> Option<u64> {
+            if index == NO_ARG {
+                return Some(0);
+            }
+            bpf_probe_read_kernel(regs.add(REGS_ARGS[(index & 3) as usize]) as *const u64).ok()
+        };
+        Some((
+            get(at.fd)? as i64,
+            get(at.buf)?,
+            get(at.count)?,
+            get(at.flags)? as u32,
+        ))
+    }
+}
+
+/// Exit of a receiving syscall: its arguments come from the saved registers, so it needs no
+/// enter program and no in-flight record (half the programs and none of the table work per
+/// received call). Egress calls keep their enter program for the time before the bytes left.
+#[inline(always)]
+fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
+    let layout = layout();
+    if layout.valid == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let len = ret(ctx, &layout);
+    if len <= 0 {
+        return 0;
+    }
+    let Some((fd, buf, count, flags)) = exit_args(at) else {
+        count_lost(lost::READ_FAILED);
+        return 0;
+    };
+    if flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    let Some(sock) = tcp_socket(&layout, fd) else {
+        return 0;
+    };
+    let payload = match id {
+        syscall::READV => Payload::Iov(buf, count),
+        syscall::RECVMSG => Payload::Msghdr(buf),
+        _ => Payload::Buf(buf),
+    };
+    emit(
+        pid_tgid,
+        fd as i32,
+        &sock,
+        &layout,
+        (kind::DATA, id, direction::INGRESS),
+        len as u64,
+        payload,
+        0,
+    );
+    0
+}
+
+macro_rules! ingress_syscall {
+    ($exit:ident, $id:expr, $args:expr) => {
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_ingress(&ctx, $id, $args)
+        }
+    };
+}
+
+/// Exit of a sending syscall: report `ret` bytes, with a prefix, in `dir`.
 #[inline(always)]
 fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -308,7 +396,7 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
     };
     let layout = layout();
     let len = ret(ctx, &layout);
-    if len <= 0 || inflight.flags & MSG_PEEK != 0 {
+    if len <= 0 {
         return 0;
     }
     let Some(sock) = resolve(&layout, &inflight) else {
@@ -322,8 +410,8 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
         return 0;
     };
     let payload = match id {
-        syscall::READV | syscall::WRITEV => Payload::Iov(inflight.buf, inflight.iovcnt),
-        syscall::RECVMSG | syscall::SENDMSG => Payload::Msghdr(inflight.buf),
+        syscall::WRITEV => Payload::Iov(inflight.buf, inflight.iovcnt),
+        syscall::SENDMSG => Payload::Msghdr(inflight.buf),
         syscall::SENDFILE => Payload::None,
         _ => Payload::Buf(inflight.buf),
     };
@@ -354,14 +442,8 @@ macro_rules! data_syscall {
     };
 }
 
-use direction::{EGRESS, INGRESS};
-data_syscall!(
-    sock_enter_read,
-    sock_exit_read,
-    syscall::READ,
-    INGRESS,
-    args(0, 1, NO_ARG, NO_ARG)
-);
+use direction::EGRESS;
+ingress_syscall!(sock_exit_read, syscall::READ, args(0, 1, NO_ARG, NO_ARG));
 data_syscall!(
     sock_enter_write,
     sock_exit_write,
@@ -369,13 +451,7 @@ data_syscall!(
     EGRESS,
     args(0, 1, NO_ARG, NO_ARG)
 );
-data_syscall!(
-    sock_enter_readv,
-    sock_exit_readv,
-    syscall::READV,
-    INGRESS,
-    args(0, 1, 2, NO_ARG)
-);
+ingress_syscall!(sock_exit_readv, syscall::READV, args(0, 1, 2, NO_ARG));
 data_syscall!(
     sock_enter_writev,
     sock_exit_writev,
@@ -383,13 +459,7 @@ data_syscall!(
     EGRESS,
     args(0, 1, 2, NO_ARG)
 );
-data_syscall!(
-    sock_enter_recvfrom,
-    sock_exit_recvfrom,
-    syscall::RECVFROM,
-    INGRESS,
-    args(0, 1, NO_ARG, 3)
-);
+ingress_syscall!(sock_exit_recvfrom, syscall::RECVFROM, args(0, 1, NO_ARG, 3));
 data_syscall!(
     sock_enter_sendto,
     sock_exit_sendto,
@@ -397,13 +467,7 @@ data_syscall!(
     EGRESS,
     args(0, 1, NO_ARG, NO_ARG)
 );
-data_syscall!(
-    sock_enter_recvmsg,
-    sock_exit_recvmsg,
-    syscall::RECVMSG,
-    INGRESS,
-    args(0, 1, NO_ARG, 2)
-);
+ingress_syscall!(sock_exit_recvmsg, syscall::RECVMSG, args(0, 1, NO_ARG, 2));
 data_syscall!(
     sock_enter_sendmsg,
     sock_exit_sendmsg,

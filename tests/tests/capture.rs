@@ -366,9 +366,9 @@ fn pid_option_traces_only_that_process_and_never_wirespan_itself() {
     assert!(events.iter().all(|e| e.pid != agent_pid));
 }
 
-/// The kernel's aya-log diagnostics reach the agent's log: a thread blocked in recv on a unix
-/// socket at start is seeded (userspace sees only "a socket"), and the kernel says at exit
-/// that it is not TCP instead of reporting it.
+/// The kernel's aya-log diagnostics reach the agent's log: a thread blocked in send on a full
+/// unix socket at start is seeded (userspace sees only "a socket"), and the kernel says at
+/// exit that it is not TCP instead of reporting it.
 #[test]
 fn kernel_diagnostics_reach_the_agent_log() {
     require_privileges!();
@@ -382,7 +382,7 @@ fn kernel_diagnostics_reach_the_agent_log() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
-    // Let the main thread reach its blocking recv.
+    // Let the main thread reach its blocking send.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let agent = Agent::start_with_log_level(&["--pid", &proc.pid().to_string()], "debug").unwrap();
     let mut stdin = proc.child.stdin.take().unwrap();

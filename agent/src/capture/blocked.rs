@@ -1,11 +1,12 @@
 //! Threads that were already inside a socket syscall when the programs attached.
 //!
-//! Their enter tracepoint fired before wirespan was there, so their exit would find no record
-//! and the bytes would be lost: typically a keep-alive server thread waiting in `recv` for the
-//! next request, or a server waiting in `accept`. /proc/PID/task/TID/syscall names the syscall
-//! and its arguments; the agent seeds an in-flight record for each such thread after
-//! attaching, without overwriting a record a live enter program already made. The kernel
-//! re-checks at exit that the descriptor is a TCP socket.
+//! Their enter tracepoint fired before wirespan was there, so their exit would find no record:
+//! typically a server waiting in `accept`, or a write blocked on a full socket buffer.
+//! /proc/PID/task/TID/syscall names the syscall and its arguments; the agent seeds an
+//! in-flight record for each such thread after attaching, without overwriting a record a live
+//! enter program already made. The kernel re-checks at exit that the descriptor is a TCP
+//! socket. Receiving calls (a keep-alive server waiting in `recv`) need no seed: their exit
+//! programs read the arguments from the thread's saved registers.
 
 use std::path::Path;
 
@@ -30,13 +31,9 @@ pub fn parse_syscall_line(line: &str) -> Option<(i64, [u64; 6])> {
 /// programs follow.
 pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
     let (id, buf, iovcnt, flags) = match nr {
-        libc::SYS_read => (syscall::READ, a[1], 0, 0),
         libc::SYS_write => (syscall::WRITE, a[1], 0, 0),
-        libc::SYS_readv => (syscall::READV, a[1], a[2], 0),
         libc::SYS_writev => (syscall::WRITEV, a[1], a[2], 0),
-        libc::SYS_recvfrom => (syscall::RECVFROM, a[1], 0, a[3] as u32),
         libc::SYS_sendto => (syscall::SENDTO, a[1], 0, 0),
-        libc::SYS_recvmsg => (syscall::RECVMSG, a[1], 0, a[2] as u32),
         libc::SYS_sendmsg => (syscall::SENDMSG, a[1], 0, 0),
         libc::SYS_accept => (syscall::ACCEPT, 0, 0, 0),
         libc::SYS_accept4 => (syscall::ACCEPT4, 0, 0, 0),
@@ -115,13 +112,22 @@ mod tests {
 
     #[test]
     fn seeds_the_record_the_enter_program_would_have_made() {
-        let s = seed_for(libc::SYS_recvfrom, [5, 0x1000, 64, 2, 0, 0]).unwrap();
+        let s = seed_for(libc::SYS_sendto, [5, 0x1000, 64, 0, 0, 0]).unwrap();
         assert_eq!(
-            (s.fd, s.syscall, s.buf, s.flags, s.sk),
-            (5, syscall::RECVFROM, 0x1000, 2, 0)
+            (s.fd, s.syscall, s.buf, s.sk),
+            (5, syscall::SENDTO, 0x1000, 0)
         );
-        let s = seed_for(libc::SYS_readv, [6, 0x2000, 3, 0, 0, 0]).unwrap();
-        assert_eq!((s.syscall, s.iovcnt), (syscall::READV, 3));
+        let s = seed_for(libc::SYS_writev, [6, 0x2000, 3, 0, 0, 0]).unwrap();
+        assert_eq!((s.syscall, s.iovcnt), (syscall::WRITEV, 3));
+        // Receiving calls read their arguments at exit: nothing to seed.
+        for nr in [
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+        ] {
+            assert_eq!(seed_for(nr, [5, 0x1000, 64, 0, 0, 0]), None);
+        }
         assert_eq!(
             seed_for(libc::SYS_accept4, [3, 0, 0, 0, 0, 0])
                 .unwrap()
@@ -129,26 +135,28 @@ mod tests {
             syscall::ACCEPT4
         );
         assert_eq!(seed_for(libc::SYS_nanosleep, [0; 6]), None);
-        assert_eq!(seed_for(libc::SYS_read, [u64::MAX, 0, 0, 0, 0, 0]), None);
+        assert_eq!(seed_for(libc::SYS_write, [u64::MAX, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]
-    fn finds_this_threads_blocked_recv_on_a_real_socket() {
+    fn finds_this_threads_blocked_accept_on_a_real_socket() {
         if !Path::new("/proc/self/task").exists() {
             eprintln!("skipped: needs procfs");
             return;
         }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let _client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&server);
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 16];
-            // A plain read(2) (std's TcpStream::read uses recvfrom).
-            // SAFETY: buf is valid for 16 bytes; fd stays open because `server` lives here.
-            unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            drop(server);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let acceptor = std::thread::spawn(move || {
+            // A plain accept(2) (std's TcpListener::accept uses accept4).
+            // SAFETY: null address pointers are allowed; fd stays open because `listener`
+            // lives here.
+            let conn = unsafe { libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut()) };
+            if conn >= 0 {
+                // SAFETY: conn is the descriptor accept just returned, closed once.
+                unsafe { libc::close(conn) };
+            }
+            drop(listener);
         });
         let me = std::process::id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -162,10 +170,10 @@ mod tests {
         let seed = seeds
             .iter()
             .find(|(_, s)| s.fd == fd)
-            .expect("the blocked read");
-        assert_eq!(seed.1.syscall, syscall::READ);
+            .expect("the blocked accept");
+        assert_eq!(seed.1.syscall, syscall::ACCEPT);
         assert_eq!(seed.0 >> 32, u64::from(me));
-        drop(_client);
-        reader.join().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        acceptor.join().unwrap();
     }
 }

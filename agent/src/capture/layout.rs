@@ -289,6 +289,7 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
         }
         Ok(info.offset)
     };
+    check_saved_registers(btf)?;
     Ok(KernelLayout {
         valid: 1,
         tp_args: tp_args.unwrap_or(0),
@@ -313,6 +314,30 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
         sk_v6_rcv_saddr: m("sock", "__sk_common.skc_v6_rcv_saddr", &[16])?,
         inet_sport: m("inet_sock", "inet_sport", &[2])?,
     })
+}
+
+/// Where the receiving syscalls' exit programs read the first four arguments in `struct
+/// pt_regs` (`REGS_ARGS` in ebpf/src/probes.rs): the architecture's syscall registers.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_ARG_REGISTERS: [(&str, u32); 4] = [("di", 112), ("si", 104), ("dx", 96), ("r10", 56)];
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_ARG_REGISTERS: [(&str, u32); 1] = [("orig_x0", 272)];
+
+/// Checks that this kernel saves the syscall argument registers where the programs read them.
+fn check_saved_registers(btf: &KernelBtf) -> Result<(), LayoutError> {
+    for (register, offset) in SYSCALL_ARG_REGISTERS {
+        let info = btf.member("pt_regs", register)?;
+        if (info.offset, info.size) != (offset, 8) {
+            return Err(LayoutError::Member {
+                what: format!("pt_regs.{register}"),
+                reason: format!(
+                    "{} bytes at offset {}, the programs read 8 at {offset}",
+                    info.size, info.offset
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_same(slot: &mut Option<u32>, value: u32, tracepoint: &str) -> Result<(), LayoutError> {
@@ -403,6 +428,7 @@ print fmt: \"fd: 0x%08lx, buf: 0x%08lx, count: 0x%08lx\"
         );
         assert_eq!(btf.member("sock_common", "skc_v6_daddr").unwrap().size, 16);
         assert!(btf.member("sock", "no_such_member").is_err());
+        check_saved_registers(&btf).expect("syscall arguments where the programs read them");
         assert!(btf.member("no_such_struct_xyz", "x").is_err());
     }
 }

@@ -195,7 +195,9 @@ impl Capture {
             if let Some(exit) = probe.exit {
                 programs.push((exit, format!("sys_exit_{}", probe.syscall)));
             }
-            programs.push((probe.enter, format!("sys_enter_{}", probe.syscall)));
+            if let Some(enter) = probe.enter {
+                programs.push((enter, format!("sys_enter_{}", probe.syscall)));
+            }
             let mut ok = true;
             for (program, tracepoint) in programs {
                 if let Err(reason) = attach(&mut ebpf, program, &tracepoint) {

@@ -17,7 +17,9 @@ pub enum Role {
 pub struct Probe {
     /// Tracepoint name after `sys_enter_` / `sys_exit_`.
     pub syscall: &'static str,
-    pub enter: &'static str,
+    /// None for syscalls handled at exit only (receiving calls: their arguments are read from
+    /// the saved registers there).
+    pub enter: Option<&'static str>,
     /// None for syscalls handled at enter only (close).
     pub exit: Option<&'static str>,
     pub role: Role,
@@ -26,45 +28,39 @@ pub struct Probe {
 const fn pair(syscall: &'static str, enter: &'static str, exit: &'static str, role: Role) -> Probe {
     Probe {
         syscall,
-        enter,
+        enter: Some(enter),
         exit: Some(exit),
         role,
     }
 }
 
+const fn exit_only(syscall: &'static str, exit: &'static str) -> Probe {
+    Probe {
+        syscall,
+        enter: None,
+        exit: Some(exit),
+        role: Role::Ingress,
+    }
+}
+
 pub const PROBES: &[Probe] = &[
-    pair("read", "sock_enter_read", "sock_exit_read", Role::Ingress),
+    exit_only("read", "sock_exit_read"),
     pair("write", "sock_enter_write", "sock_exit_write", Role::Egress),
-    pair(
-        "readv",
-        "sock_enter_readv",
-        "sock_exit_readv",
-        Role::Ingress,
-    ),
+    exit_only("readv", "sock_exit_readv"),
     pair(
         "writev",
         "sock_enter_writev",
         "sock_exit_writev",
         Role::Egress,
     ),
-    pair(
-        "recvfrom",
-        "sock_enter_recvfrom",
-        "sock_exit_recvfrom",
-        Role::Ingress,
-    ),
+    exit_only("recvfrom", "sock_exit_recvfrom"),
     pair(
         "sendto",
         "sock_enter_sendto",
         "sock_exit_sendto",
         Role::Egress,
     ),
-    pair(
-        "recvmsg",
-        "sock_enter_recvmsg",
-        "sock_exit_recvmsg",
-        Role::Ingress,
-    ),
+    exit_only("recvmsg", "sock_exit_recvmsg"),
     pair(
         "sendmsg",
         "sock_enter_sendmsg",
@@ -97,7 +93,7 @@ pub const PROBES: &[Probe] = &[
     ),
     Probe {
         syscall: "close",
-        enter: "sock_enter_close",
+        enter: Some("sock_enter_close"),
         exit: None,
         role: Role::Lifecycle,
     },
@@ -135,7 +131,10 @@ mod tests {
     #[test]
     fn program_names_follow_the_convention() {
         for p in PROBES {
-            assert_eq!(p.enter, format!("sock_enter_{}", p.syscall));
+            assert!(p.enter.is_some() || p.exit.is_some());
+            if let Some(enter) = p.enter {
+                assert_eq!(enter, format!("sock_enter_{}", p.syscall));
+            }
             if let Some(exit) = p.exit {
                 assert_eq!(exit, format!("sock_exit_{}", p.syscall));
             }

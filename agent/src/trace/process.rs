@@ -62,9 +62,45 @@ fn is_secret_name(s: &str) -> bool {
     SECRET_WORDS.iter().any(|w| s.contains(w))
 }
 
+/// A URL argument with its query values and its user information replaced by `REDACTED`
+/// (`curl 'http://u:p@host/login?password=x'`), as `url.query` is in spans.
+fn redact_url(a: &str) -> Option<String> {
+    let scheme_end = a.find("://")? + 3;
+    let authority_end = a[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(a.len(), |i| scheme_end + i);
+    let mut out = a[..scheme_end].to_string();
+    match a[scheme_end..authority_end].rfind('@') {
+        Some(at) => {
+            out.push_str("REDACTED");
+            out.push_str(&a[scheme_end + at..authority_end]);
+        }
+        None => out.push_str(&a[scheme_end..authority_end]),
+    }
+    let rest = &a[authority_end..];
+    let (rest, fragment) = match rest.find('#') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            out.push_str(&crate::http::attributes::redact_query(query));
+        }
+        None => out.push_str(rest),
+    }
+    out.push_str(fragment);
+    (out != a).then_some(out)
+}
+
 /// Redacts one argument: `name=value`, `Name: value` (a header given to curl or wget) and
-/// `Bearer value` keep their name and lose their value when the name looks secret.
+/// `Bearer value` keep their name and lose their value when the name looks secret; URLs lose
+/// their query values and user information.
 fn redact_arg(a: &str) -> Option<String> {
+    if let Some(url) = redact_url(a) {
+        return Some(url);
+    }
     let sep = a.find(['=', ':']);
     if let Some(i) = sep
         && is_secret_name(&a[..i])
@@ -576,6 +612,23 @@ mod tests {
         assert_eq!(
             redact_command_line(&curl),
             "curl -H Authorization:REDACTED -H Cookie:REDACTED -H Accept: */* -u REDACTED http://h/p"
+        );
+        // URLs: query values and user information, wherever the URL sits.
+        let urls: Vec<String> = [
+            "curl",
+            "http://127.0.0.1:8080/login?password=s3cret&user=a#top",
+            "--url=https://me:pw@example.com:8443/x?token=t",
+            "ftp://anon@host/file",
+            "http://h/plain",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            redact_command_line(&urls),
+            "curl http://127.0.0.1:8080/login?password=REDACTED&user=REDACTED#top \
+             --url=https://REDACTED@example.com:8443/x?token=REDACTED ftp://REDACTED@host/file \
+             http://h/plain"
         );
     }
 
