@@ -305,8 +305,9 @@ fn starts_like_request(data: &[u8]) -> bool {
 /// Offsets in the kernel's saved user registers (`struct pt_regs`) of the first four syscall
 /// arguments. A syscall leaves them as they were at entry, so an exit program can read them.
 /// x86_64: di, si, dx, r10; arm64: orig_x0 (x0 holds the return value by then), x1, x2, x3.
-/// The agent checks these against the kernel's BTF before loading.
-#[cfg(bpf_target_arch = "x86_64")]
+/// The agent checks these against the kernel's BTF before loading. (x86_64 is also the choice
+/// when no architecture is given, as for the linter.)
+#[cfg(not(bpf_target_arch = "aarch64"))]
 const REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
 #[cfg(bpf_target_arch = "aarch64")]
 const REGS_ARGS: [usize; 4] = [272, 8, 16, 24];
