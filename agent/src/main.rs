@@ -118,7 +118,7 @@ struct SelectArgs {
     /// Default 4096.
     #[arg(long, value_name = "BYTES")]
     capture_bytes: Option<u32>,
-    /// Kernel ring buffer size in MiB (a power of two). Default 16.
+    /// Kernel ring buffer size in MiB (a power of two). Default 4.
     #[arg(long, value_name = "MIB")]
     ring_mib: Option<u32>,
     /// Benchmark floor: attach every tracepoint with programs that return at once.
@@ -609,14 +609,18 @@ struct Tracer<W: Write> {
 
 impl<W: Write> Tracer<W> {
     fn hand_out(&mut self) {
-        for span in self.spans.drain(..) {
-            if self.log_spans {
+        if self.spans.is_empty() {
+            return;
+        }
+        if self.log_spans {
+            for span in &self.spans {
                 self.line.clear();
-                print::span_line(&mut self.line, &span);
+                print::span_line(&mut self.line, span);
                 let _ = self.out.write_all(self.line.as_bytes());
             }
-            self.exporter.send(span);
         }
+        let group = std::mem::replace(&mut self.spans, Vec::with_capacity(64));
+        self.exporter.send_all(group);
     }
 
     /// Time-based work of the selector and the stitcher, and the metrics' values.

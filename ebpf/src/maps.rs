@@ -16,8 +16,8 @@ pub static LAYOUT: KernelLayout = KernelLayout::zeroed();
 #[unsafe(no_mangle)]
 pub static SETTINGS: Settings = Settings::zeroed();
 
-/// Events to userspace. 16 MiB holds about a second of saturated loopback HTTP with 4 KiB
-/// prefixes; the agent can resize it at load time.
+/// Events to userspace. The agent sizes it at load time (`capture.ring_mib`, 4 MiB by default:
+/// tens of thousands of events, a fraction of a second of saturated loopback HTTP).
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 

@@ -1125,6 +1125,29 @@ impl Stitcher {
                 .retain(|_, span| nodes.get(span).is_some_and(|n| n.finished.is_none()));
             live.contains(pid) || now.duration_since(p.last_seen) < IDLE_CONNECTION
         });
+        self.shrink_tables();
+    }
+
+    /// Gives back the room a burst made the tables grow to (hash tables never shrink by
+    /// themselves): a table using under a quarter of its room is cut to twice its size.
+    fn shrink_tables(&mut self) {
+        fn shrink<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 1024 && m.len() < m.capacity() / 4 {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        shrink(&mut self.conns);
+        shrink(&mut self.nodes);
+        shrink(&mut self.clients);
+        shrink(&mut self.threads);
+        shrink(&mut self.assembling);
+        fn shrink_queue<T>(q: &mut VecDeque<T>) {
+            if q.capacity() > 1024 && q.len() < q.capacity() / 4 {
+                q.shrink_to(q.len() * 2);
+            }
+        }
+        shrink_queue(&mut self.finished);
+        shrink_queue(&mut self.deferred);
     }
 
     /// Forgets finished spans older than `KEEP_FINISHED`, or the oldest beyond `MAX_FINISHED`.
@@ -1435,5 +1458,30 @@ mod tests {
             assert_ne!(span.trace_id, [0; 16]);
             assert_ne!(span.parent_span_id, Some(span.span_id));
         }
+    }
+
+    #[test]
+    fn tables_give_back_the_room_of_a_burst() {
+        let mut st = Stitcher::new(WallClock::from_pair(0, 0));
+        let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for i in 0..20_000u64 {
+            st.clients.insert((any, any, i), [1; 8]);
+            st.finished.push_back((st.now, [2; 8]));
+        }
+        let grown = (st.clients.capacity(), st.finished.capacity());
+        st.clients.retain(|k, _| k.2 < 10);
+        st.finished.truncate(10);
+        st.shrink_tables();
+        assert!(grown.0 >= 20_000 && grown.1 >= 20_000);
+        assert!(st.clients.capacity() < 100, "{}", st.clients.capacity());
+        assert!(st.finished.capacity() < 100, "{}", st.finished.capacity());
+        assert_eq!(st.clients.len(), 10);
+        // A table in use keeps its room.
+        for i in 0..5_000u64 {
+            st.clients.insert((any, any, i), [1; 8]);
+        }
+        let used = st.clients.capacity();
+        st.shrink_tables();
+        assert_eq!(st.clients.capacity(), used);
     }
 }
