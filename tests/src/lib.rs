@@ -697,21 +697,36 @@ pub fn sdk_python(name: &str, port: u16, next: Option<&str>, otlp: &str) -> anyh
 }
 
 /// wirespan's kernel programs loaded now, as bpftool lists them.
-pub fn wirespan_programs() -> usize {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .expect("bpftool runs");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
-    v.as_array()
-        .expect("a list of programs")
-        .iter()
-        .filter(|p| {
-            p["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("sock_enter_") || n.starts_with("sock_exit_"))
+/// Ids of the BPF objects of one kind (`"prog_id"`, `"map_id"`) open in process `pid`, from
+/// its descriptors' fdinfo: exact where counting by name is not (other tests' agents load
+/// the same programs at the same time).
+pub fn bpf_ids_of(pid: u32, kind: &str) -> Vec<u64> {
+    let prefix = format!("{kind}:");
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = dir
+        .filter_map(|fd| std::fs::read_to_string(fd.ok()?.path()).ok())
+        .filter_map(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|v| v.trim().parse().ok())
         })
-        .count()
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Whether the BPF program with this id is still loaded.
+pub fn bpf_prog_loaded(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("bpftool runs")
+        .success()
 }
 
 /// tests/programs/load_client.py: `n` GET requests to `url` on one keep-alive connection;

@@ -282,14 +282,20 @@ impl Capture {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => sink.idle(&read_lost(&lost)),
+                _ = tick.tick() => {
+                    // Also a safety net: no record waits in the ring longer than a tick.
+                    drain(events.get_mut(), sink);
+                    sink.idle(&read_lost(&lost));
+                }
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
-                    let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
-                        sink.event(SocketEvent::decode(&item));
-                    }
+                    drain(guard.get_inner_mut(), sink);
                     guard.clear_ready();
+                    // The kernel wakes the reader only for a record written when the reader
+                    // had caught up: one written after the drain above and before
+                    // clear_ready had its wake-up cleared, and no later record would wake
+                    // us either. Read once more after clearing.
+                    drain(guard.get_inner_mut(), sink);
                     sink.idle(&read_lost(&lost));
                 }
                 guard = async {
@@ -306,13 +312,17 @@ impl Capture {
             }
         }
         // Drain what is already in the ring so nothing accepted is dropped at shutdown.
-        let ring = events.get_mut();
-        while let Some(item) = ring.next() {
-            sink.event(SocketEvent::decode(&item));
-        }
+        drain(events.get_mut(), sink);
         let total = read_lost(&lost);
         sink.idle(&total);
         Ok(total)
+    }
+}
+
+/// Hands every record in the ring to the sink.
+fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl EventSink) {
+    while let Some(item) = ring.next() {
+        sink.event(SocketEvent::decode(&item));
     }
 }
 

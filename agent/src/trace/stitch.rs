@@ -453,6 +453,9 @@ impl Stitcher {
                     Side::Client
                 };
                 self.new_conn(ev, Some(side), true);
+                // Read what /proc says about the process at its first sight: a short-lived
+                // client (curl) may be gone by the time its response arrives.
+                self.proc(h.pid, ev.comm());
             }
             EventKind::Data(dir) => {
                 if !self.conns.contains_key(&id) {
