@@ -26,7 +26,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 unsafe extern "C" {
     // mimalloc's (the agent's allocator, linked by the binary).
-    fn mi_collect(force: bool);
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
     #[cfg(test)]
     fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
@@ -37,16 +36,11 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 /// Memory the allocator frees goes back to the system at once instead of after a delay that
 /// only runs out on a later allocation: without this an idle agent kept the ~40 MiB that
-/// loading the programs took (BTF) for as long as it ran. Measured at saturation, no slower.
+/// loading the programs took (BTF) for as long as it ran, and what a burst took after it. No
+/// slower at saturation (docs/BENCHMARKS.md).
 pub fn return_freed_memory_at_once() {
     // SAFETY: mi_option_set has no preconditions; the option index is checked by a test.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
-/// Gives memory freed by a burst (start-up, a flood of connections) back to the system now.
-pub fn release_free_memory() {
-    // SAFETY: mi_collect has no preconditions and is thread-safe.
-    unsafe { mi_collect(true) };
 }
 
 #[cfg(test)]

@@ -71,6 +71,24 @@ fn traced(tgid: u32) -> bool {
     }
 }
 
+/// `bpf_ringbuf_query` flags.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
+
+/// Whether the ring buffer has room for the largest event. When the reader is behind, a call
+/// on a TCP socket is counted lost here, before the copies and the in-flight record it would
+/// have been lost after anyway: under overload the traced processes pay less for events
+/// nobody can read.
+#[inline(always)]
+fn ring_has_room() -> bool {
+    let room = EVENTS.query(BPF_RB_RING_SIZE) - EVENTS.query(BPF_RB_AVAIL_DATA);
+    if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + 8 {
+        return true;
+    }
+    count_lost(lost::RINGBUF_FULL);
+    false
+}
+
 /// Records a syscall on a TCP socket of a traced process until its exit.
 #[inline(always)]
 fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
@@ -86,6 +104,9 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some(sock) = tcp_socket(&layout, fd) else {
         return 0;
     };
+    if !ring_has_room() {
+        return 0;
+    }
     let inflight = Inflight {
         sk: sock.sk as u64,
         ino: sock.ino,
@@ -361,6 +382,9 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some(sock) = tcp_socket(&layout, fd) else {
         return 0;
     };
+    if !ring_has_room() {
+        return 0;
+    }
     let payload = match id {
         syscall::READV => Payload::Iov(buf, count),
         syscall::RECVMSG => Payload::Msghdr(buf),

@@ -226,9 +226,6 @@ impl Capture {
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })
             .ok();
-        // Parsing BTF and the object took memory that is free now; give it back to the system
-        // so the agent's resident size is its steady state, not its start-up.
-        crate::release_free_memory();
         Ok(Self {
             _ebpf: ebpf,
             events,
