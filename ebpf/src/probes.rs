@@ -89,17 +89,24 @@ fn ring_has_room() -> bool {
     false
 }
 
+/// The kernel layout and the caller's pid_tgid, if the programs are live and the caller's
+/// process is traced.
+#[inline(always)]
+fn traced_caller() -> Option<(KernelLayout, u64)> {
+    let layout = layout();
+    if layout.valid == 0 {
+        return None;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    traced((pid_tgid >> 32) as u32).then_some((layout, pid_tgid))
+}
+
 /// Records a syscall on a TCP socket of a traced process until its exit.
 #[inline(always)]
 fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
-    let layout = layout();
-    if layout.valid == 0 {
+    let Some((layout, pid_tgid)) = traced_caller() else {
         return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !traced((pid_tgid >> 32) as u32) {
-        return 0;
-    }
+    };
     let fd = arg(ctx, &layout, at.fd) as i64;
     let Some(sock) = tcp_socket(&layout, fd) else {
         return 0;
@@ -360,14 +367,9 @@ fn exit_args(at: Args) -> Option<(i64, u64, u64, u32)> {
 /// received call). Egress calls keep their enter program for the time before the bytes left.
 #[inline(always)]
 fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
-    let layout = layout();
-    if layout.valid == 0 {
+    let Some((layout, pid_tgid)) = traced_caller() else {
         return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !traced((pid_tgid >> 32) as u32) {
-        return 0;
-    }
+    };
     let len = ret(ctx, &layout);
     if len <= 0 {
         return 0;
@@ -591,14 +593,9 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
 /// close needs no exit program: the socket must be looked up before the descriptor goes away.
 #[tracepoint]
 pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
-    let layout = layout();
-    if layout.valid == 0 {
+    let Some((layout, pid_tgid)) = traced_caller() else {
         return 0;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !traced((pid_tgid >> 32) as u32) {
-        return 0;
-    }
+    };
     let fd = arg(&ctx, &layout, 0) as i64;
     if let Some(sock) = tcp_socket(&layout, fd) {
         emit(

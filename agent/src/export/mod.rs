@@ -641,6 +641,26 @@ mod tests {
     use super::*;
     use crate::http::attributes::Side;
 
+    /// A server span without attributes, of process `info`.
+    fn plain_span(info: &Arc<ProcessInfo>, id: u8) -> Span {
+        Span {
+            trace_id: [7; 16],
+            span_id: [id; 8],
+            parent_span_id: None,
+            parent_remote: false,
+            link: None,
+            side: Side::Server,
+            name: "GET".into(),
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            attributes: Vec::new(),
+            error: None,
+            flags: 1,
+            trace_state: None,
+            process: info.clone(),
+        }
+    }
+
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
             pairs
@@ -681,24 +701,8 @@ mod tests {
         let (a, b) = (process(3, "svc"), process(4, "other"));
         // An equal description in another allocation is the same process.
         let a2 = process(3, "svc");
-        let span = |info: &Arc<ProcessInfo>, id: u8| Span {
-            trace_id: [7; 16],
-            span_id: [id; 8],
-            parent_span_id: None,
-            parent_remote: false,
-            link: None,
-            side: Side::Server,
-            name: "GET".into(),
-            start_unix_ns: 1,
-            end_unix_ns: 2,
-            attributes: Vec::new(),
-            error: None,
-            flags: 1,
-            trace_state: None,
-            process: info.clone(),
-        };
         let mut r = Resources::new("h".into());
-        let batch = [span(&a, 1), span(&b, 2), span(&a2, 3)];
+        let batch = [plain_span(&a, 1), plain_span(&b, 2), plain_span(&a2, 3)];
         let req = ExportTraceServiceRequest::decode(r.request(&batch)).unwrap();
         assert_eq!(req.resource_spans.len(), 2);
         let service = |i: usize| {
@@ -799,22 +803,7 @@ mod tests {
             command_line: String::new(),
             ..Default::default()
         });
-        let span = |i: u8| Span {
-            trace_id: [1; 16],
-            span_id: [i + 1; 8],
-            parent_span_id: None,
-            parent_remote: false,
-            link: None,
-            side: Side::Server,
-            name: "GET".into(),
-            start_unix_ns: 1,
-            end_unix_ns: 2,
-            attributes: Vec::new(),
-            error: None,
-            flags: 1,
-            trace_state: None,
-            process: info.clone(),
-        };
+        let span = |i: u8| plain_span(&info, i + 1);
         let stats = exporter.stats.clone();
         // The export task cannot run while this single-threaded test sends. A group of 3
         // fits; of the next 3 one fits and two are dropped; then the queue is full.
