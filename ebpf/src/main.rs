@@ -1,9 +1,11 @@
 //! wirespan's kernel programs.
 //!
 //! Syscall tracepoints only (this project's tested kernels have no kprobes and refuse fentry):
-//! each socket syscall gets an enter program that records what the call was asked to do, and an
-//! exit program that learns how much it really did and reports it. Everything that is not a TCP
-//! socket of a traced process returns at the first check.
+//! a sending or connection syscall gets an enter program that records what the call was asked
+//! to do, and an exit program that learns how much it really did and reports it; a receiving
+//! syscall gets only an exit program, which reads the call's arguments from the thread's saved
+//! registers. Everything that is not a TCP socket of a traced process returns at the first
+//! check.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
