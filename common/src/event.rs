@@ -153,8 +153,9 @@ const _: () = assert!(
 
 /// A syscall between its enter and exit tracepoints, keyed by pid_tgid (one per thread).
 ///
-/// Written by the enter programs, and by the agent at start for threads that were already
-/// blocked in a socket syscall when the programs attached (their enter was never seen).
+/// Written by the enter programs of sending and connection calls (receiving calls need none),
+/// and by the agent at start for threads that were already blocked in such a call when the
+/// programs attached (their enter was never seen).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inflight {
@@ -169,8 +170,8 @@ pub struct Inflight {
     pub fd: i32,
     /// One of `syscall::*`.
     pub syscall: u32,
-    /// recv flags (MSG_PEEK data is read again later and must not be reported twice).
-    pub flags: u32,
+    /// Keeps `enter_ns` 8-byte aligned without implicit padding (always 0).
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
     pub enter_ns: u64,
 }

@@ -122,7 +122,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         iovcnt: arg(ctx, &layout, at.count),
         fd: fd as i32,
         syscall: id,
-        flags: arg(ctx, &layout, at.flags) as u32,
+        _pad: 0,
         // SAFETY: a helper without preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
     };
@@ -414,9 +414,9 @@ macro_rules! ingress_syscall {
     };
 }
 
-/// Exit of a sending syscall: report `ret` bytes, with a prefix, in `dir`.
+/// Exit of a sending syscall: report `ret` bytes, with a prefix.
 #[inline(always)]
-fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
+fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(inflight) = take_inflight(pid_tgid, id) else {
         return 0;
@@ -447,7 +447,7 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
         inflight.fd,
         &sock,
         &layout,
-        (kind::DATA, id, dir),
+        (kind::DATA, id, direction::EGRESS),
         len as u64,
         payload,
         inflight.enter_ns,
@@ -455,8 +455,8 @@ fn exit_data(ctx: &TracePointContext, id: u32, dir: u32) -> u32 {
     0
 }
 
-macro_rules! data_syscall {
-    ($enter:ident, $exit:ident, $id:expr, $dir:expr, $args:expr) => {
+macro_rules! egress_syscall {
+    ($enter:ident, $exit:ident, $id:expr, $args:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             enter(&ctx, $id, $args)
@@ -464,49 +464,43 @@ macro_rules! data_syscall {
 
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_data(&ctx, $id, $dir)
+            exit_egress(&ctx, $id)
         }
     };
 }
 
-use direction::EGRESS;
 ingress_syscall!(sock_exit_read, syscall::READ, args(0, 1, NO_ARG, NO_ARG));
-data_syscall!(
+egress_syscall!(
     sock_enter_write,
     sock_exit_write,
     syscall::WRITE,
-    EGRESS,
     args(0, 1, NO_ARG, NO_ARG)
 );
 ingress_syscall!(sock_exit_readv, syscall::READV, args(0, 1, 2, NO_ARG));
-data_syscall!(
+egress_syscall!(
     sock_enter_writev,
     sock_exit_writev,
     syscall::WRITEV,
-    EGRESS,
     args(0, 1, 2, NO_ARG)
 );
 ingress_syscall!(sock_exit_recvfrom, syscall::RECVFROM, args(0, 1, NO_ARG, 3));
-data_syscall!(
+egress_syscall!(
     sock_enter_sendto,
     sock_exit_sendto,
     syscall::SENDTO,
-    EGRESS,
     args(0, 1, NO_ARG, NO_ARG)
 );
 ingress_syscall!(sock_exit_recvmsg, syscall::RECVMSG, args(0, 1, NO_ARG, 2));
-data_syscall!(
+egress_syscall!(
     sock_enter_sendmsg,
     sock_exit_sendmsg,
     syscall::SENDMSG,
-    EGRESS,
     args(0, 1, NO_ARG, NO_ARG)
 );
-data_syscall!(
+egress_syscall!(
     sock_enter_sendfile64,
     sock_exit_sendfile64,
     syscall::SENDFILE,
-    EGRESS,
     args(0, NO_ARG, NO_ARG, NO_ARG)
 );
 

@@ -30,13 +30,13 @@ pub fn parse_syscall_line(line: &str) -> Option<(i64, [u64; 6])> {
 /// The in-flight record the enter program would have made for this syscall, if it is one the
 /// programs follow.
 pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
-    let (id, buf, iovcnt, flags) = match nr {
-        libc::SYS_write => (syscall::WRITE, a[1], 0, 0),
-        libc::SYS_writev => (syscall::WRITEV, a[1], a[2], 0),
-        libc::SYS_sendto => (syscall::SENDTO, a[1], 0, 0),
-        libc::SYS_sendmsg => (syscall::SENDMSG, a[1], 0, 0),
-        libc::SYS_accept => (syscall::ACCEPT, 0, 0, 0),
-        libc::SYS_accept4 => (syscall::ACCEPT4, 0, 0, 0),
+    let (id, buf, iovcnt) = match nr {
+        libc::SYS_write => (syscall::WRITE, a[1], 0),
+        libc::SYS_writev => (syscall::WRITEV, a[1], a[2]),
+        libc::SYS_sendto => (syscall::SENDTO, a[1], 0),
+        libc::SYS_sendmsg => (syscall::SENDMSG, a[1], 0),
+        libc::SYS_accept => (syscall::ACCEPT, 0, 0),
+        libc::SYS_accept4 => (syscall::ACCEPT4, 0, 0),
         _ => return None,
     };
     Some(Inflight {
@@ -47,7 +47,7 @@ pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
         family: 0,
         fd: i32::try_from(a[0]).ok()?,
         syscall: id,
-        flags,
+        _pad: 0,
         enter_ns: 0,
     })
 }
