@@ -197,11 +197,6 @@ impl Exporter {
         })
     }
 
-    /// Queues a span; a full queue drops it (counted).
-    pub fn send(&self, span: Span) {
-        self.send_all(vec![span]);
-    }
-
     /// Queues spans as one group; what does not fit in the queue is dropped (counted).
     pub fn send_all(&self, mut spans: Vec<Span>) {
         let Some(tx) = &self.tx else {
@@ -376,9 +371,6 @@ impl Transport {
                 let mut req = tonic::Request::new(request);
                 *req.metadata_mut() = headers.clone();
                 req.set_timeout(*timeout);
-                let grpc_error = |s: tonic::Status| {
-                    anyhow::anyhow!("OTLP/gRPC: {:?}: {}", s.code(), s.message())
-                };
                 // A handle on the same connection.
                 let mut grpc = tonic::client::Grpc::new(channel.clone());
                 grpc.ready()
@@ -388,7 +380,7 @@ impl Transport {
                 let resp = grpc
                     .unary(req, path, EncodedCodec)
                     .await
-                    .map_err(grpc_error)?;
+                    .map_err(|s| anyhow::anyhow!("OTLP/gRPC: {:?}: {}", s.code(), s.message()))?;
                 if let Some(p) = resp.into_inner().partial_success
                     && p.rejected_spans > 0
                 {
@@ -564,8 +556,6 @@ struct Resources {
     host: String,
     by_pid: HashMap<u32, (Arc<ProcessInfo>, Arc<[u8]>)>,
     scope: Vec<u8>,
-    /// Scratch space for the encoder.
-    lens: Vec<usize>,
 }
 
 impl Resources {
@@ -574,7 +564,6 @@ impl Resources {
             host,
             by_pid: HashMap::new(),
             scope: wire::scope(),
-            lens: Vec::new(),
         }
     }
 
@@ -615,9 +604,7 @@ impl Resources {
                 }
             }
         }
-        let mut out = Vec::new();
-        wire::request(&mut out, &groups, &self.scope, &mut self.lens);
-        out.into()
+        wire::request(&groups, &self.scope).into()
     }
 }
 
@@ -812,7 +799,7 @@ mod tests {
         exporter.send_all((3..6).map(span).collect());
         assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 2);
         for i in 6..10 {
-            exporter.send(span(i));
+            exporter.send_all(vec![span(i)]);
         }
         assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 6);
         exporter.shutdown(Duration::from_secs(5)).await;

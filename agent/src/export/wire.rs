@@ -200,26 +200,25 @@ pub struct Group<'a> {
     pub spans: Vec<&'a Span>,
 }
 
-/// Encodes an `ExportTraceServiceRequest` into `out` (cleared first). `lens` is scratch space
-/// kept by the caller between requests.
-pub fn request(out: &mut Vec<u8>, groups: &[Group<'_>], scope: &[u8], lens: &mut Vec<usize>) {
-    out.clear();
+/// An encoded `ExportTraceServiceRequest`.
+pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
     for g in groups {
-        lens.clear();
-        lens.extend(g.spans.iter().map(|s| span_len(s)));
+        let lens: Vec<usize> = g.spans.iter().map(|s| span_len(s)).collect();
         let scope_spans =
             len_field(1, scope.len()) + lens.iter().map(|&n| len_field(2, n)).sum::<usize>();
         let resource_spans = len_field(1, g.resource.len()) + len_field(2, scope_spans);
         out.reserve(len_field(1, resource_spans));
-        put_len(out, 1, resource_spans);
-        put_bytes(out, 1, &g.resource);
-        put_len(out, 2, scope_spans);
-        put_bytes(out, 1, scope);
-        for (s, &n) in g.spans.iter().zip(lens.iter()) {
-            put_len(out, 2, n);
-            put_span(out, s, n);
+        put_len(&mut out, 1, resource_spans);
+        put_bytes(&mut out, 1, &g.resource);
+        put_len(&mut out, 2, scope_spans);
+        put_bytes(&mut out, 1, scope);
+        for (s, &n) in g.spans.iter().zip(&lens) {
+            put_len(&mut out, 2, n);
+            put_span(&mut out, s, n);
         }
     }
+    out
 }
 
 #[cfg(test)]
@@ -254,9 +253,8 @@ mod tests {
     }
 
     fn decode(groups: &[Group<'_>]) -> ExportTraceServiceRequest {
-        let (mut out, mut lens) = (Vec::new(), Vec::new());
-        request(&mut out, groups, &scope(), &mut lens);
-        ExportTraceServiceRequest::decode(out.as_slice()).expect("a valid OTLP request")
+        ExportTraceServiceRequest::decode(request(groups, &scope()).as_slice())
+            .expect("a valid OTLP request")
     }
 
     #[test]
