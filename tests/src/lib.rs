@@ -696,7 +696,6 @@ pub fn sdk_python(name: &str, port: u16, next: Option<&str>, otlp: &str) -> anyh
     service(name, port, &mut cmd)
 }
 
-/// wirespan's kernel programs loaded now, as bpftool lists them.
 /// Ids of the BPF objects of one kind (`"prog_id"`, `"map_id"`) open in process `pid`, from
 /// its descriptors' fdinfo: exact where counting by name is not (other tests' agents load
 /// the same programs at the same time).

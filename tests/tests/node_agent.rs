@@ -117,7 +117,7 @@ fn a_server_started_after_the_agent_is_traced_from_its_first_request() {
 }
 
 /// Groups spans by trace id.
-fn traces(spans: &[Span]) -> HashMap<&str, Vec<&Span>> {
+fn traces<'a>(spans: impl IntoIterator<Item = &'a Span>) -> HashMap<&'a str, Vec<&'a Span>> {
     let mut t: HashMap<&str, Vec<&Span>> = HashMap::new();
     for s in spans {
         t.entry(s.trace_id.as_str()).or_default().push(s);
@@ -211,11 +211,9 @@ fn error_spans_survive_always_off_with_keep_errors() {
         assert_eq!(s.attr("url.path"), Some("/fail"));
     }
     // The two ends of each failed request are kept together, linked.
-    let of_ours = |t: &&Vec<&Span>| t.iter().any(|s| ours.iter().any(|o| std::ptr::eq(*o, *s)));
-    let ours_traces: Vec<_> = traces(&spans).into_values().collect();
-    let ours_traces: Vec<_> = ours_traces.iter().filter(of_ours).collect();
+    let ours_traces = traces(ours.iter().copied());
     assert_eq!(ours_traces.len(), 2, "{ours_traces:#?}");
-    for t in ours_traces {
+    for t in ours_traces.values() {
         assert_eq!(t.len(), 2, "{t:#?}");
     }
 }
@@ -389,22 +387,18 @@ fn without_privileges_the_agent_names_what_is_missing() {
 /// little-endian bytes, or as numbers when the map has BTF).
 fn pid_filter_entries(agent_pid: u32) -> Vec<u32> {
     let mut pids = Vec::new();
-    for id in wirespan_tests::bpf_ids_of(agent_pid, "map_id") {
-        let show = Command::new("bpftool")
-            .args(["map", "show", "id", &id.to_string(), "--json"])
+    let bpftool_map = |verb: &str, id: u64| -> serde_json::Value {
+        let out = Command::new("bpftool")
+            .args(["map", verb, "id", &id.to_string(), "--json"])
             .output()
             .expect("bpftool runs");
-        let info: serde_json::Value =
-            serde_json::from_slice(&show.stdout).expect("bpftool prints JSON");
-        if info["name"] != "PID_FILTER" {
+        serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
+    };
+    for id in wirespan_tests::bpf_ids_of(agent_pid, "map_id") {
+        if bpftool_map("show", id)["name"] != "PID_FILTER" {
             continue;
         }
-        let out = Command::new("bpftool")
-            .args(["map", "dump", "id", &id.to_string(), "--json"])
-            .output()
-            .expect("bpftool runs");
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+        let v = bpftool_map("dump", id);
         pids.extend(
             v.as_array()
                 .expect("a list of entries")

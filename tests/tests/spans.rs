@@ -536,9 +536,10 @@ fn sdk_instrumented_service_next_to_plain_ones_makes_one_trace() {
     let receiver = Receiver::start().unwrap();
     let otlp = format!("http://{}", receiver.http);
     let ports = [free_port(), free_port(), free_port()];
+    // Names no other test uses: the chain tests' "orders" runs meanwhile.
     let _c = chain_python("inventory", ports[2], None).unwrap();
     let _b = chain_python(
-        "orders",
+        "basket",
         ports[1],
         Some(&format!("http://127.0.0.1:{}/stock", ports[2])),
     )
@@ -565,13 +566,13 @@ fn sdk_instrumented_service_next_to_plain_ones_makes_one_trace() {
     });
     agent.stop().unwrap();
     let spans = receive(&receiver, 5);
-    let services = ["storefront", "orders", "inventory"];
+    let services = ["storefront", "basket", "inventory"];
     let ours: Vec<&Span> = spans
         .iter()
         .filter(|s| services.contains(&s.service()))
         .collect();
     // storefront: the SDK's SERVER and CLIENT, and nothing from wirespan (no duplicates);
-    // orders: SERVER and CLIENT from wirespan; inventory: SERVER from wirespan.
+    // basket: SERVER and CLIENT from wirespan; inventory: SERVER from wirespan.
     let count = |svc: &str, kind: &str, by_wirespan: bool| {
         ours.iter()
             .filter(|s| {
@@ -587,8 +588,8 @@ fn sdk_instrumented_service_next_to_plain_ones_makes_one_trace() {
     assert_eq!(count("storefront", "CLIENT", false), 1, "{ours:#?}");
     assert_eq!(count("storefront", "SERVER", true), 0, "{ours:#?}");
     assert_eq!(count("storefront", "CLIENT", true), 0, "{ours:#?}");
-    assert_eq!(count("orders", "SERVER", true), 1, "{ours:#?}");
-    assert_eq!(count("orders", "CLIENT", true), 1, "{ours:#?}");
+    assert_eq!(count("basket", "SERVER", true), 1, "{ours:#?}");
+    assert_eq!(count("basket", "CLIENT", true), 1, "{ours:#?}");
     assert_eq!(count("inventory", "SERVER", true), 1, "{ours:#?}");
     assert_eq!(ours.len(), 5, "{ours:#?}");
     // One trace, and every parent is in it (or is the caller's span from the header).
@@ -604,7 +605,7 @@ fn sdk_instrumented_service_next_to_plain_ones_makes_one_trace() {
         .iter()
         .find(|s| s.service() == "storefront" && s.kind == "CLIENT")
         .unwrap();
-    let orders_server = of(&spans, "orders", "SERVER")[0];
+    let orders_server = of(&spans, "basket", "SERVER")[0];
     assert_eq!(orders_server.parent, sdk_client.span_id);
     assert_eq!(orders_server.link(), "header");
     // The SDK's own export requests are never spans.
