@@ -410,16 +410,21 @@ fn start_capture(config: &Config, inert: bool) -> anyhow::Result<Capture> {
     Ok(capture)
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// A future that completes on SIGINT or SIGTERM.
+///
+/// The handlers are installed here, before the agent says it is ready, not when the future is
+/// first polled: a signal that came before that poll would be lost (or, for a process started
+/// with the signal ignored, as a shell's background job is, silently ignored).
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -537,8 +542,9 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
     // Alive and ready before anyone is told so.
     tracer.publish();
     metrics.ready.store(true, Ordering::Relaxed);
+    let shutdown = shutdown_signal()?;
     say_ready(&capture, log_format);
-    let lost = capture.run(&mut tracer, shutdown_signal()).await?;
+    let lost = capture.run(&mut tracer, shutdown).await?;
     // The capture is dropped: every program is detached. What was read is made into spans
     // and sent, within the 5 seconds a node agent gets to stop.
     let stopping = std::time::Instant::now();
@@ -729,6 +735,7 @@ impl<W: Write> Tracer<W> {
 
 async fn capture(args: CaptureArgs, config: Config) -> anyhow::Result<()> {
     let mut capture = start_capture(&config, args.select.inert)?;
+    let shutdown = shutdown_signal()?;
     say_ready(&capture, config.telemetry.log_format);
     let pods = kubernetes(&config)?;
     let selector = Selector::new(
@@ -749,7 +756,7 @@ async fn capture(args: CaptureArgs, config: Config) -> anyhow::Result<()> {
         decode_errors: 0,
         selector,
     };
-    let lost = capture.run(&mut printer, shutdown_signal()).await?;
+    let lost = capture.run(&mut printer, shutdown).await?;
     let Printer {
         mut out,
         events,

@@ -533,10 +533,28 @@ impl SpanAgent {
     /// As `start`, with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(wirespan_bin());
+        cmd.args(["run", "--log-spans"]);
+        Self::start_under(cmd, args, env)
+    }
+
+    /// `wirespan run` exporting to `receiver` without `--log-spans`, at the lowest scheduling
+    /// priority (`nice -n 19`): an agent that gets less CPU than the traffic it reads needs,
+    /// as one under a CPU limit.
+    pub fn niced_to(receiver: &otlp::Receiver) -> anyhow::Result<Self> {
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "19"]).arg(wirespan_bin()).arg("run");
+        let endpoint = format!("http://{}", receiver.grpc);
+        Self::start_under(
+            cmd,
+            &["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"],
+            &[],
+        )
+    }
+
+    fn start_under(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         cmd.env("RUST_LOG", "info")
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .envs(env.iter().copied())
-            .args(["run", "--log-spans"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -579,15 +597,32 @@ impl SpanAgent {
 
     /// Stops the agent with `signal`; returns how long it took to exit after the signal, the
     /// `--log-spans` lines and the closing stderr lines.
-    pub fn stop_with(
-        mut self,
-        signal: i32,
-    ) -> anyhow::Result<(Duration, Vec<String>, Vec<String>)> {
+    pub fn stop_with(self, signal: i32) -> anyhow::Result<(Duration, Vec<String>, Vec<String>)> {
         // Events are in the ring buffer when the syscall returns; give the reader a moment.
         std::thread::sleep(Duration::from_millis(300));
+        self.stop_within(signal, Duration::from_secs(60))
+    }
+
+    /// Stops the agent with `signal` at once; an error if it has not exited within `limit`
+    /// (it is then killed). Returns as `stop_with`.
+    pub fn stop_within(
+        mut self,
+        signal: i32,
+        limit: Duration,
+    ) -> anyhow::Result<(Duration, Vec<String>, Vec<String>)> {
         let sent = Instant::now();
         self.proc.signal(signal);
-        let status = self.proc.child.wait()?;
+        let status = loop {
+            if let Some(status) = self.proc.child.try_wait()? {
+                break status;
+            }
+            if sent.elapsed() > limit {
+                self.proc.signal(libc::SIGKILL);
+                let _ = self.proc.child.wait();
+                bail!("wirespan had not exited {limit:?} after signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let took = sent.elapsed();
         if !status.success() {
             bail!("wirespan exited with {status}");

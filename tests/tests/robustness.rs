@@ -449,6 +449,49 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     assert!(after >= before + 2, "{before} -> {after}: {s}");
 }
 
+/// An agent that reads slower than the kernel writes (here: niced under a saturating load)
+/// never finds its ring empty. It must still stop promptly on SIGTERM, the way a node agent is
+/// stopped, with its closing summary: a signal that came while it was reading was once never
+/// seen (the handler was installed on the first look at it, and reading did not end while the
+/// load lasted), so the agent ran on until it was killed.
+#[test]
+fn the_agent_stops_promptly_while_it_cannot_keep_up() {
+    require_privileges!();
+    let dir = TempDir::new("behind").unwrap();
+    let port = free_port();
+    let _nginx = nginx(port, &dir.0).unwrap();
+    let receiver = Receiver::start_counting().unwrap();
+    let agent = SpanAgent::niced_to(&receiver).unwrap();
+    let mut wrk = Proc::spawn(
+        "wrk",
+        Command::new("wrk")
+            .args(["-t2", "-c64", "-d30s"])
+            .arg(format!("http://127.0.0.1:{port}/load"))
+            .stdout(Stdio::null()),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let (took, _, log) = agent
+        .stop_within(libc::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        wrk.child.try_wait().unwrap().is_none(),
+        "the load ended before the agent did"
+    );
+    let s = summary(&log);
+    // It was behind: the ring overflowed (counted), and spans were still exported.
+    let lost = s
+        .split("ring buffer full ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap();
+    assert!(lost > 0, "the agent kept up, so this shows nothing: {s}");
+    assert!(counter(&s, "exported") > 0, "{s}");
+    // The 5 s it gives itself to send what it read, and a margin.
+    assert!(took < Duration::from_secs(7), "took {took:?} to stop");
+}
+
 #[test]
 fn connection_table_is_bounded_and_evictions_are_counted() {
     require_privileges!();

@@ -277,22 +277,32 @@ impl Capture {
         // happens when traffic stops.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Records are read in batches: when the kernel writes faster than the agent reads,
+        // the ring never empties, and a drain that waited for that would never let the loop
+        // see a stop signal or a tick. `behind` says the last batch left records in the ring.
+        let mut behind = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     // Also a safety net: no record waits in the ring longer than a tick.
-                    drain(events.get_mut(), sink);
+                    behind = !drain(events.get_mut(), sink);
                     sink.idle(&read_lost(&lost));
                 }
-                guard = events.readable_mut() => {
+                () = tokio::task::yield_now(), if behind => {
+                    behind = !drain(events.get_mut(), sink);
+                }
+                guard = events.readable_mut(), if !behind => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), sink);
-                    guard.clear_ready();
-                    // The kernel wakes the reader only for a record written when the reader
-                    // had caught up: one written after the drain above and before
-                    // clear_ready had its wake-up cleared, and no later record would wake
-                    // us either. Read once more after clearing.
-                    drain(guard.get_inner_mut(), sink);
+                    if drain(guard.get_inner_mut(), sink) {
+                        guard.clear_ready();
+                        // The kernel wakes the reader only for a record written when the
+                        // reader had caught up: one written after the drain above and before
+                        // clear_ready had its wake-up cleared, and no later record would wake
+                        // us either. Read once more after clearing.
+                        behind = !drain(guard.get_inner_mut(), sink);
+                    } else {
+                        behind = true;
+                    }
                     sink.idle(&read_lost(&lost));
                 }
                 guard = async {
@@ -308,19 +318,32 @@ impl Capture {
                 () = &mut shutdown => break,
             }
         }
-        // Drain what is already in the ring so nothing accepted is dropped at shutdown.
-        drain(events.get_mut(), sink);
+        // Read what is in the ring so nothing accepted is dropped at shutdown. The programs
+        // are still attached and under load the ring never empties: reading stops after a
+        // second (a full default ring takes a fraction of that), within the 5 s a node agent
+        // gets to stop.
+        let stop_reading = std::time::Instant::now() + SHUTDOWN_DRAIN;
+        while !drain(events.get_mut(), sink) && std::time::Instant::now() < stop_reading {}
         let total = read_lost(&lost);
         sink.idle(&total);
         Ok(total)
     }
 }
 
-/// Hands every record in the ring to the sink.
-fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl EventSink) {
-    while let Some(item) = ring.next() {
-        sink.event(SocketEvent::decode(&item));
+/// Records read before the loop looks at its other inputs again.
+const BATCH: usize = 4096;
+/// At shutdown, how long the ring is read at most.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Hands up to `BATCH` records in the ring to the sink; true when the ring is empty.
+fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl EventSink) -> bool {
+    for _ in 0..BATCH {
+        match ring.next() {
+            Some(item) => sink.event(SocketEvent::decode(&item)),
+            None => return true,
+        }
     }
+    false
 }
 
 /// The kernel's per-process filter: a process written in as ignored costs one map lookup per
