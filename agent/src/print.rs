@@ -139,7 +139,7 @@ pub fn span_line(out: &mut String, span: &crate::trace::Span) {
             .iter()
             .find(|(n, _)| *n == k)
             .map(|(_, v)| match v {
-                crate::http::attributes::Value::Str(s) => s.clone(),
+                crate::http::attributes::Value::Str(s) => s.to_string(),
                 crate::http::attributes::Value::Int(i) => i.to_string(),
             })
             .unwrap_or_else(|| "-".into())

@@ -200,24 +200,43 @@ pub struct Group<'a> {
     pub spans: Vec<&'a Span>,
 }
 
-/// An encoded `ExportTraceServiceRequest`.
+/// An encoded `ExportTraceServiceRequest`, in one allocation of its exact size.
 pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let lens: Vec<usize> = groups
+        .iter()
+        .flat_map(|g| g.spans.iter().map(|s| span_len(s)))
+        .collect();
+    let mut sizes = Vec::with_capacity(groups.len());
+    let mut total = 0;
+    let mut next = lens.iter();
     for g in groups {
-        let lens: Vec<usize> = g.spans.iter().map(|s| span_len(s)).collect();
-        let scope_spans =
-            len_field(1, scope.len()) + lens.iter().map(|&n| len_field(2, n)).sum::<usize>();
+        let scope_spans = len_field(1, scope.len())
+            + next
+                .by_ref()
+                .take(g.spans.len())
+                .map(|&n| len_field(2, n))
+                .sum::<usize>();
         let resource_spans = len_field(1, g.resource.len()) + len_field(2, scope_spans);
-        out.reserve(len_field(1, resource_spans));
+        total += len_field(1, resource_spans);
+        sizes.push((resource_spans, scope_spans));
+    }
+    let mut out = Vec::with_capacity(total);
+    let mut next = lens.iter();
+    for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
         put_len(&mut out, 1, resource_spans);
         put_bytes(&mut out, 1, &g.resource);
         put_len(&mut out, 2, scope_spans);
         put_bytes(&mut out, 1, scope);
-        for (s, &n) in g.spans.iter().zip(&lens) {
+        for (s, &n) in g.spans.iter().zip(next.by_ref()) {
             put_len(&mut out, 2, n);
             put_span(&mut out, s, n);
         }
     }
+    debug_assert_eq!(
+        out.len(),
+        total,
+        "request length computed and written differ"
+    );
     out
 }
 
@@ -284,8 +303,8 @@ mod tests {
                 ("negative", Value::Int(-3)),
                 ("zero", Value::Int(0)),
                 ("url.path", Value::Str("/x".into())),
-                ("empty", Value::Str(String::new())),
-                ("long", Value::Str(long.clone())),
+                ("empty", Value::Str(String::new().into())),
+                ("long", Value::Str(long.clone().into())),
             ],
         );
         let mut b = span(false, Some(""), Vec::new());
@@ -366,7 +385,7 @@ mod tests {
     }
 
     fn resource_of(name: &str) -> Arc<[u8]> {
-        resource(&[("service.name".into(), Value::Str(name.into()))]).into()
+        resource(&[("service.name".into(), Value::Str(name.to_string().into()))]).into()
     }
 
     #[test]

@@ -1,15 +1,66 @@
 //! Span name, attributes and status of one HTTP exchange, by the stable OpenTelemetry HTTP
 //! semantic conventions.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use super::framing::Head;
 
 /// An attribute value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(String),
+    Str(Text),
     Int(i64),
+}
+
+/// A string attribute value, allocated only when it has to be: most values of a span are
+/// constants (`http`, `1.1`, a known method) or the same for every request of a connection
+/// (its addresses, formatted once).
+#[derive(Clone)]
+pub enum Text {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Text::Static(s) => s,
+            Text::Shared(s) => s,
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text::Static(s)
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Owned(s)
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(s: Arc<str>) -> Self {
+        Text::Shared(s)
+    }
 }
 
 pub type Attributes = Vec<(&'static str, Value)>;
@@ -21,6 +72,11 @@ const KNOWN_METHODS: &[&str] = &[
 
 pub fn known_method(method: &str) -> bool {
     KNOWN_METHODS.contains(&method)
+}
+
+/// The registry's spelling of a known method.
+fn registered_method(method: &str) -> Option<&'static str> {
+    KNOWN_METHODS.iter().find(|m| **m == method).copied()
 }
 
 /// The span name: the method, or `HTTP` for methods outside the registry. Raw paths are never
@@ -108,6 +164,9 @@ pub struct Exchange<'a> {
     pub outcome: Outcome,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// `ip_text` of `local` and `remote`, formatted once per connection.
+    pub local_ip: Arc<str>,
+    pub remote_ip: Arc<str>,
     pub request_body: u64,
     pub response_body: u64,
     /// Replace query parameter values with `REDACTED` (the default; `--keep-query-values`
@@ -129,22 +188,24 @@ pub fn error(ex: &Exchange<'_>) -> Option<String> {
     }
 }
 
-fn ip(addr: &SocketAddr) -> String {
-    addr.ip().to_canonical().to_string()
+/// An endpoint's address as the conventions write it (IPv4-mapped IPv6 as IPv4).
+pub fn ip_text(addr: &SocketAddr) -> Arc<str> {
+    addr.ip().to_canonical().to_string().into()
 }
 
 /// The span's attributes.
 pub fn attributes(ex: &Exchange<'_>) -> Attributes {
     let req = ex.request;
-    let mut a: Attributes = Vec::with_capacity(16);
-    let method = if known_method(&req.method) {
-        req.method.clone()
-    } else {
-        a.push((
-            "http.request.method_original",
-            Value::Str(req.method.clone()),
-        ));
-        "_OTHER".to_string()
+    let mut a: Attributes = Vec::with_capacity(18);
+    let method = match registered_method(&req.method) {
+        Some(m) => Text::Static(m),
+        None => {
+            a.push((
+                "http.request.method_original",
+                Value::Str(req.method.clone().into()),
+            ));
+            Text::Static("_OTHER")
+        }
     };
     a.push(("http.request.method", Value::Str(method)));
     let (path, query) = if req.method == "CONNECT" {
@@ -160,20 +221,20 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
         }
     });
     let host = req.header("host").map(split_host);
-    let (server_address, server_port) = match (&host, ex.side) {
-        (Some((h, p)), Side::Client) => (h.clone(), p.unwrap_or(ex.remote.port())),
-        (Some((h, p)), Side::Server) => (h.clone(), p.unwrap_or(ex.local.port())),
-        (None, Side::Client) => (ip(&ex.remote), ex.remote.port()),
-        (None, Side::Server) => (ip(&ex.local), ex.local.port()),
+    let (server_address, server_port): (Text, u16) = match (host, ex.side) {
+        (Some((h, p)), Side::Client) => (h.into(), p.unwrap_or(ex.remote.port())),
+        (Some((h, p)), Side::Server) => (h.into(), p.unwrap_or(ex.local.port())),
+        (None, Side::Client) => (ex.remote_ip.clone().into(), ex.remote.port()),
+        (None, Side::Server) => (ex.local_ip.clone().into(), ex.local.port()),
     };
     match ex.side {
         Side::Server => {
-            a.push(("url.path", Value::Str(path.to_string())));
-            if let Some(q) = &query {
-                a.push(("url.query", Value::Str(q.clone())));
+            a.push(("url.path", Value::Str(path.to_string().into())));
+            if let Some(q) = query {
+                a.push(("url.query", Value::Str(q.into())));
             }
             a.push(("url.scheme", Value::Str("http".into())));
-            a.push(("client.address", Value::Str(ip(&ex.remote))));
+            a.push(("client.address", Value::Str(ex.remote_ip.clone().into())));
             a.push(("client.port", Value::Int(ex.remote.port() as i64)));
         }
         Side::Client => {
@@ -185,24 +246,27 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
                 Some(q) => format!("http://{authority}{path}?{q}"),
                 None => format!("http://{authority}{path}"),
             };
-            a.push(("url.full", Value::Str(full)));
-            a.push(("url.path", Value::Str(path.to_string())));
-            if let Some(q) = &query {
-                a.push(("url.query", Value::Str(q.clone())));
+            a.push(("url.full", Value::Str(full.into())));
+            a.push(("url.path", Value::Str(path.to_string().into())));
+            if let Some(q) = query {
+                a.push(("url.query", Value::Str(q.into())));
             }
             a.push(("url.scheme", Value::Str("http".into())));
         }
     }
     a.push(("server.address", Value::Str(server_address)));
     a.push(("server.port", Value::Int(server_port as i64)));
-    a.push(("network.peer.address", Value::Str(ip(&ex.remote))));
+    a.push((
+        "network.peer.address",
+        Value::Str(ex.remote_ip.clone().into()),
+    ));
     a.push(("network.peer.port", Value::Int(ex.remote.port() as i64)));
     a.push((
         "network.protocol.version",
-        Value::Str(if req.version == 0 { "1.0" } else { "1.1" }.into()),
+        Value::Str(Text::Static(if req.version == 0 { "1.0" } else { "1.1" })),
     ));
     if let Some(ua) = req.header("user-agent") {
-        a.push(("user_agent.original", Value::Str(ua.to_string())));
+        a.push(("user_agent.original", Value::Str(ua.to_string().into())));
     }
     if let Some(code) = ex.response_status {
         a.push(("http.response.status_code", Value::Int(code as i64)));
@@ -216,7 +280,9 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
     }
     match (&ex.outcome, error(ex)) {
         (Outcome::CutOff, _) => a.push(("error.type", Value::Str("connection_closed".into()))),
-        (Outcome::Response(code), Some(_)) => a.push(("error.type", Value::Str(code.to_string()))),
+        (Outcome::Response(code), Some(_)) => {
+            a.push(("error.type", Value::Str(code.to_string().into())))
+        }
         _ => {}
     }
     a

@@ -618,16 +618,14 @@ fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
             // Repeated identical values are allowed (RFC 9110 8.6); anything else is invalid.
-            let parsed = value
-                .split(',')
-                .map(|v| v.trim().parse::<u64>().ok())
-                .collect::<Option<Vec<_>>>();
-            match parsed.as_deref() {
-                Some([first, rest @ ..]) if rest.iter().all(|v| v == first) => {
-                    if head.content_length.is_some_and(|c| c != *first) {
+            let mut values = value.split(',').map(|v| v.trim().parse::<u64>().ok());
+            let first = values.next().flatten();
+            match first {
+                Some(first) if values.all(|v| v == Some(first)) => {
+                    if head.content_length.is_some_and(|c| c != first) {
                         head.invalid_framing = true;
                     }
-                    head.content_length = Some(*first);
+                    head.content_length = Some(first);
                 }
                 _ => head.invalid_framing = true,
             }

@@ -485,6 +485,8 @@ fn exchange<'a>(side: Side, req: &'a Head, outcome: Outcome) -> Exchange<'a> {
         outcome,
         local: "127.0.0.1:8080".parse().unwrap(),
         remote: "127.0.0.1:50000".parse().unwrap(),
+        local_ip: "127.0.0.1".into(),
+        remote_ip: "127.0.0.1".into(),
         request_body: 0,
         response_body: 12,
         redact_query: true,
@@ -501,7 +503,7 @@ fn server_span_attributes_and_redacted_query() {
     req.target = "/users/42?token=abc&x=1".into();
     let ex = exchange(Side::Server, &req, Outcome::Response(200));
     let a = attributes::attributes(&ex);
-    let s = |v: &str| Some(Value::Str(v.into()));
+    let s = |v: &str| Some(Value::Str(v.to_string().into()));
     assert_eq!(attr(&a, "http.request.method").cloned(), s("GET"));
     assert_eq!(attr(&a, "url.path").cloned(), s("/users/42"));
     assert_eq!(

@@ -282,22 +282,25 @@ impl ProcessInfo {
             _ => format!("{host_name}:{}", self.pid),
         };
         let mut r: Vec<(String, Value)> = vec![
-            ("service.name".into(), Value::Str(self.service_name.clone())),
-            ("service.instance.id".into(), Value::Str(instance)),
+            (
+                "service.name".into(),
+                Value::Str(self.service_name.clone().into()),
+            ),
+            ("service.instance.id".into(), Value::Str(instance.into())),
             ("process.pid".into(), Value::Int(self.pid as i64)),
             (
                 "process.executable.name".into(),
-                Value::Str(self.executable_name.clone()),
+                Value::Str(self.executable_name.clone().into()),
             ),
             (
                 "process.executable.path".into(),
-                Value::Str(self.executable_path.clone()),
+                Value::Str(self.executable_path.clone().into()),
             ),
             (
                 "process.command_line".into(),
-                Value::Str(self.command_line.clone()),
+                Value::Str(self.command_line.clone().into()),
             ),
-            ("host.name".into(), Value::Str(host_name.to_string())),
+            ("host.name".into(), Value::Str(host_name.to_string().into())),
             ("telemetry.sdk.name".into(), Value::Str("wirespan".into())),
             ("telemetry.sdk.language".into(), Value::Str("rust".into())),
             (
@@ -307,17 +310,17 @@ impl ProcessInfo {
         ];
         r.push(("host.arch".into(), Value::Str(host_arch().into())));
         if let Some(id) = host_id() {
-            r.push(("host.id".into(), Value::Str(id.to_string())));
+            r.push(("host.id".into(), Value::Str(id.to_string().into())));
         }
         if let Some(id) = &self.container_id {
-            r.push(("container.id".into(), Value::Str(id.clone())));
+            r.push(("container.id".into(), Value::Str(id.clone().into())));
         }
         if let Some(p) = &self.pod {
             self.pod_resource(p, &mut r);
         }
         for (k, v) in &self.extra {
             if !r.iter().any(|(n, _)| n == k) {
-                r.push((k.clone(), Value::Str(v.clone())));
+                r.push((k.clone(), Value::Str(v.clone().into())));
             }
         }
         r
@@ -328,7 +331,7 @@ impl ProcessInfo {
     /// `k8s.*` attributes, `service.namespace`, and the pod's
     /// `resource.opentelemetry.io/<attribute>` annotations (the operator's rule).
     fn pod_resource(&self, p: &Pod, r: &mut Vec<(String, Value)>) {
-        let s = |v: &str| Value::Str(v.to_string());
+        let s = |v: &str| Value::Str(v.to_string().into());
         let namespace = p
             .annotation("resource.opentelemetry.io/service.namespace")
             .unwrap_or(&p.namespace);
@@ -348,7 +351,7 @@ impl ProcessInfo {
             r.push(("k8s.replicaset.name".into(), s(name)));
         }
         if let Some((kind, name)) = p.workload() {
-            r.push((format!("k8s.{kind}.name"), Value::Str(name)));
+            r.push((format!("k8s.{kind}.name"), Value::Str(name.into())));
         }
         for (k, v) in &p.labels {
             r.push((format!("k8s.pod.label.{k}"), s(v)));
@@ -742,7 +745,7 @@ mod tests {
         };
         let r = info.resource("node1");
         let get = |k: &str| r.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let s = |v: &str| Some(Value::Str(v.into()));
+        let s = |v: &str| Some(Value::Str(v.to_string().into()));
         assert_eq!(
             get("service.instance.id"),
             s("shop.orders-7d9f8b6c5-x2x4q.app")

@@ -215,6 +215,9 @@ struct Conn {
     from_start: bool,
     local: SocketAddr,
     remote: SocketAddr,
+    /// The addresses as span attributes write them, formatted once.
+    local_ip: Arc<str>,
+    remote_ip: Arc<str>,
     ingress: Stream,
     egress: Stream,
     pending: VecDeque<Pending>,
@@ -511,6 +514,8 @@ impl Stitcher {
                 from_start,
                 local: ev.local(),
                 remote,
+                local_ip: attributes::ip_text(&ev.local()),
+                remote_ip: attributes::ip_text(&remote),
                 ingress: stream(ingress_kind),
                 egress: stream(egress_kind),
                 pending: VecDeque::new(),
@@ -843,6 +848,8 @@ impl Stitcher {
             outcome: outcome.clone(),
             local: conn.local,
             remote: conn.remote,
+            local_ip: conn.local_ip.clone(),
+            remote_ip: conn.remote_ip.clone(),
             request_body: p.request_body,
             response_body,
             redact_query: self.redact_query,
@@ -858,7 +865,7 @@ impl Stitcher {
                 Side::Server => "http.route",
                 Side::Client => "url.template",
             };
-            attrs.push((key, Value::Str(r.clone())));
+            attrs.push((key, Value::Str(r.clone().into())));
         }
         let now = self.now;
         if let Some(n) = self.nodes.get_mut(&p.id) {
