@@ -28,6 +28,8 @@ pub mod direction {
 
 /// The syscall that produced an event.
 pub mod syscall {
+    /// An in-flight record already taken by its exit (records are reused per thread).
+    pub const NONE: u32 = 0;
     pub const ACCEPT: u32 = 1;
     pub const ACCEPT4: u32 = 2;
     pub const CONNECT: u32 = 3;

@@ -126,7 +126,13 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         // SAFETY: a helper without preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
+    // A thread's record stays in the table between its calls and is rewritten in place: an
+    // insert and a delete per call cost more than the lookup (the LRU still evicts the
+    // records of threads that went away).
+    if let Some(slot) = INFLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: only this thread writes its own record, and it is in this syscall.
+        unsafe { *slot = inflight };
+    } else if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         count_lost(lost::INFLIGHT_FULL);
         warn!(
             ctx,
@@ -136,15 +142,24 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     0
 }
 
-/// Takes this thread's in-flight record if it belongs to syscall `id`.
+/// Takes this thread's in-flight record if it belongs to syscall `id`; the record is marked
+/// taken (`syscall::NONE`) in place either way.
 #[inline(always)]
 fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
     if layout().valid == 0 {
         return None;
     }
-    // SAFETY: the value is copied out before the entry is removed.
-    let found = unsafe { INFLIGHT.get(pid_tgid) }.copied()?;
-    let _ = INFLIGHT.remove(pid_tgid);
+    let slot = INFLIGHT.get_ptr_mut(pid_tgid)?;
+    // SAFETY: only this thread (or the agent, seeding it before the programs saw the thread's
+    // call) writes its record; the value is copied out before it is marked taken.
+    let found = unsafe {
+        let found = *slot;
+        if found.syscall == syscall::NONE {
+            return None;
+        }
+        (*slot).syscall = syscall::NONE;
+        found
+    };
     (found.syscall == id).then_some(found)
 }
 
