@@ -71,7 +71,7 @@ const KNOWN_METHODS: &[&str] = &[
 ];
 
 pub fn known_method(method: &str) -> bool {
-    KNOWN_METHODS.contains(&method)
+    registered_method(method).is_some()
 }
 
 /// The registry's spelling of a known method.
