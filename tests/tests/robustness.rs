@@ -38,6 +38,16 @@ fn summary(log: &[String]) -> String {
         .unwrap_or_else(|| panic!("no summary in {log:#?}"))
 }
 
+/// Events the kernel lost to a full ring buffer, from the agent's summary line.
+fn ring_full(summary: &str) -> u64 {
+    summary
+        .split("ring buffer full ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no ring buffer count in {summary}"))
+}
+
 /// The number just before `label` in the agent's summary line.
 fn counter(summary: &str, label: &str) -> u64 {
     let i = summary
@@ -438,12 +448,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     let (_, log) = agent.stop().unwrap();
     let after = receiver.count();
     let s = summary(&log);
-    let lost = s
-        .split("ring buffer full ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap();
+    let lost = ring_full(&s);
     assert!(lost > 0, "{s}");
     // After the flood, a single request still makes its two spans.
     assert!(after >= before + 2, "{before} -> {after}: {s}");
@@ -480,12 +485,7 @@ fn the_agent_stops_promptly_while_it_cannot_keep_up() {
     );
     let s = summary(&log);
     // It was behind: the ring overflowed (counted), and spans were still exported.
-    let lost = s
-        .split("ring buffer full ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap();
+    let lost = ring_full(&s);
     assert!(lost > 0, "the agent kept up, so this shows nothing: {s}");
     assert!(counter(&s, "exported") > 0, "{s}");
     // The 5 s it gives itself to send what it read, and a margin.
