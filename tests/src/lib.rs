@@ -537,18 +537,16 @@ impl SpanAgent {
         Self::start_under(cmd, args, env)
     }
 
-    /// `wirespan run` exporting to `receiver` without `--log-spans`, at the lowest scheduling
-    /// priority (`nice -n 19`): an agent that gets less CPU than the traffic it reads needs,
-    /// as one under a CPU limit.
-    pub fn niced_to(receiver: &otlp::Receiver) -> anyhow::Result<Self> {
+    /// `wirespan run` exporting to `receiver` with `extra` flags, without `--log-spans`, at the
+    /// lowest scheduling priority (`nice -n 19`): an agent that gets less CPU than the traffic
+    /// it reads needs, as one under a CPU limit.
+    pub fn niced_to(receiver: &otlp::Receiver, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cmd = Command::new("nice");
         cmd.args(["-n", "19"]).arg(wirespan_bin()).arg("run");
         let endpoint = format!("http://{}", receiver.grpc);
-        Self::start_under(
-            cmd,
-            &["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"],
-            &[],
-        )
+        let mut args = vec!["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"];
+        args.extend_from_slice(extra);
+        Self::start_under(cmd, &args, &[])
     }
 
     fn start_under(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {

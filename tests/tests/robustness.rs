@@ -456,9 +456,10 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
 
 /// An agent that reads slower than the kernel writes (here: niced under a saturating load)
 /// never finds its ring empty. It must still stop promptly on SIGTERM, the way a node agent is
-/// stopped, with its closing summary: a signal that came while it was reading was once never
-/// seen (the handler was installed on the first look at it, and reading did not end while the
-/// load lasted), so the agent ran on until it was killed.
+/// stopped, with its closing summary. The agent used to look at signals only when its ring was
+/// empty: with a 64 MiB ring to catch up on, it had not exited 10 s after SIGTERM (the ring
+/// makes the test decisive; with the default 4 MiB the old agent happened to catch up within
+/// about 5 s).
 #[test]
 fn the_agent_stops_promptly_while_it_cannot_keep_up() {
     require_privileges!();
@@ -466,7 +467,7 @@ fn the_agent_stops_promptly_while_it_cannot_keep_up() {
     let port = free_port();
     let _nginx = nginx(port, &dir.0).unwrap();
     let receiver = Receiver::start_counting().unwrap();
-    let agent = SpanAgent::niced_to(&receiver).unwrap();
+    let agent = SpanAgent::niced_to(&receiver, &["--ring-mib", "64"]).unwrap();
     let mut wrk = Proc::spawn(
         "wrk",
         Command::new("wrk")
@@ -488,6 +489,7 @@ fn the_agent_stops_promptly_while_it_cannot_keep_up() {
     let lost = ring_full(&s);
     assert!(lost > 0, "the agent kept up, so this shows nothing: {s}");
     assert!(counter(&s, "exported") > 0, "{s}");
+    eprintln!("exited {took:?} after SIGTERM");
     // The 5 s it gives itself to send what it read, and a margin.
     assert!(took < Duration::from_secs(7), "took {took:?} to stop");
 }
