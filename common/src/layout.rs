@@ -90,3 +90,17 @@ impl KernelLayout {
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only u32 fields, no padding (size checked above), any bit pattern is valid.
 unsafe impl aya::Pod for KernelLayout {}
+
+/// Where the kernel keeps a syscall's first four arguments in the thread's saved user
+/// registers (`struct pt_regs`): the member that holds each and the argument's byte offset. A
+/// syscall leaves them as they were at entry, so the receiving calls' exit programs read them
+/// there; the agent checks them against the kernel's BTF before loading.
+///
+/// x86_64: di, si, dx, r10. arm64: orig_x0 (x0 holds the return value by then), then x1..x3,
+/// elements of the `regs` array. (x86_64 is also the choice when no architecture is given, as
+/// for the eBPF linter.)
+#[cfg(not(any(target_arch = "aarch64", bpf_target_arch = "aarch64")))]
+pub const SYSCALL_ARG_REGS: [(&str, u32); 4] = [("di", 112), ("si", 104), ("dx", 96), ("r10", 56)];
+#[cfg(any(target_arch = "aarch64", bpf_target_arch = "aarch64"))]
+pub const SYSCALL_ARG_REGS: [(&str, u32); 4] =
+    [("orig_x0", 272), ("regs", 8), ("regs", 16), ("regs", 24)];

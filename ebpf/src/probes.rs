@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use wirespan_common::{
-    EventHeader, Inflight, KernelLayout, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, direction, kind,
-    lost, pid_filter, syscall,
+    EventHeader, Inflight, KernelLayout, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, SYSCALL_ARG_REGS,
+    direction, kind, lost, pid_filter, syscall,
 };
 
 use crate::{
@@ -345,17 +345,8 @@ fn starts_like_request(data: &[u8]) -> bool {
     )
 }
 
-/// Offsets in the kernel's saved user registers (`struct pt_regs`) of the first four syscall
-/// arguments. A syscall leaves them as they were at entry, so an exit program can read them.
-/// x86_64: di, si, dx, r10; arm64: orig_x0 (x0 holds the return value by then), x1, x2, x3.
-/// The agent checks these against the kernel's BTF before loading. (x86_64 is also the choice
-/// when no architecture is given, as for the linter.)
-#[cfg(not(bpf_target_arch = "aarch64"))]
-const REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
-#[cfg(bpf_target_arch = "aarch64")]
-const REGS_ARGS: [usize; 4] = [272, 8, 16, 24];
-
-/// The current syscall's arguments `at`, read at its exit (see `REGS_ARGS`).
+/// The current syscall's arguments `at`, read at its exit from the saved user registers (see
+/// `SYSCALL_ARG_REGS`).
 #[inline(always)]
 fn exit_args(at: Args) -> Option<(i64, u64, u64, u32)> {
     // SAFETY: both helpers take and return kernel pointers the verifier tracks by BTF; the
@@ -366,7 +357,8 @@ fn exit_args(at: Args) -> Option<(i64, u64, u64, u32)> {
             if index == NO_ARG {
                 return Some(0);
             }
-            bpf_probe_read_kernel(regs.add(REGS_ARGS[(index & 3) as usize]) as *const u64).ok()
+            let offset = SYSCALL_ARG_REGS[(index & 3) as usize].1 as usize;
+            bpf_probe_read_kernel(regs.add(offset) as *const u64).ok()
         };
         Some((
             get(at.fd)? as i64,

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, Type};
-use wirespan_common::KernelLayout;
+use wirespan_common::{KernelLayout, SYSCALL_ARG_REGS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -316,18 +316,13 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
     })
 }
 
-/// Where the receiving syscalls' exit programs read the first four arguments in `struct
-/// pt_regs` (`REGS_ARGS` in ebpf/src/probes.rs): the architecture's syscall registers.
-#[cfg(target_arch = "x86_64")]
-const SYSCALL_ARG_REGISTERS: [(&str, u32); 4] = [("di", 112), ("si", 104), ("dx", 96), ("r10", 56)];
-#[cfg(target_arch = "aarch64")]
-const SYSCALL_ARG_REGISTERS: [(&str, u32); 1] = [("orig_x0", 272)];
-
-/// Checks that this kernel saves the syscall argument registers where the programs read them.
+/// Checks that this kernel saves the syscall argument registers where the exit programs read
+/// them (`SYSCALL_ARG_REGS`): the 8 bytes at each offset lie inside the register's member.
 fn check_saved_registers(btf: &KernelBtf) -> Result<(), LayoutError> {
-    for (register, offset) in SYSCALL_ARG_REGISTERS {
+    for (register, offset) in SYSCALL_ARG_REGS {
         let info = btf.member("pt_regs", register)?;
-        if (info.offset, info.size) != (offset, 8) {
+        let (start, end) = (info.offset as usize, info.offset as usize + info.size);
+        if (offset as usize) < start || offset as usize + 8 > end {
             return Err(LayoutError::Member {
                 what: format!("pt_regs.{register}"),
                 reason: format!(
