@@ -637,6 +637,26 @@ impl SpanAgent {
     }
 }
 
+/// The agent's closing summary line among its stderr lines.
+pub fn summary(log: &[String]) -> String {
+    log.iter()
+        .rfind(|l| l.contains(" spans: "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no summary in {log:#?}"))
+}
+
+/// The number just before `label` in the agent's summary line.
+pub fn counter(summary: &str, label: &str) -> u64 {
+    let i = summary
+        .find(label)
+        .unwrap_or_else(|| panic!("{label:?} not in {summary}"));
+    summary[..i]
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no number before {label:?} in {summary}"))
+}
+
 /// Starts a service program with `OTEL_SERVICE_NAME=name` and waits for its port.
 pub fn service(name: &str, port: u16, cmd: &mut Command) -> anyhow::Result<Proc> {
     cmd.env("OTEL_SERVICE_NAME", name);

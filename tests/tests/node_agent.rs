@@ -11,9 +11,9 @@ use std::{
 };
 
 use wirespan_tests::{
-    Proc, SpanAgent, chain_node, chain_python, curl, free_port, load_client,
+    Proc, SpanAgent, chain_node, chain_python, counter, curl, free_port, load_client,
     otlp::{Receiver, Span},
-    require_privileges, wirespan_bin,
+    require_privileges, summary, wirespan_bin,
 };
 
 /// Starts the agent exporting to `receiver` with extra flags.
@@ -167,18 +167,14 @@ fn traceidratio_keeps_a_quarter_of_the_traces_and_never_splits_one() {
         (440..=560).contains(&kept),
         "{kept} of 2000 traces kept, want 25% +- 3% (440..=560)"
     );
-    let summary = stderr.join("\n");
+    let summary = summary(&stderr);
     // Every span of the dropped traces is counted. Other tests' Python processes run
     // meanwhile and match the rule too: their spans (beyond this test's 8000) may add to the
     // count, never more than there were.
-    let number_before = |what: &str| -> u64 {
-        let end = summary
-            .find(what)
-            .unwrap_or_else(|| panic!("no '{what}' in {summary}"));
-        let start = summary[..end].trim_end().rfind(' ').map_or(0, |i| i + 1);
-        summary[start..end].trim().parse().unwrap()
-    };
-    let (spans_made, unsampled) = (number_before(" spans:"), number_before(" not sampled"));
+    let (spans_made, unsampled) = (
+        counter(&summary, " spans:"),
+        counter(&summary, " not sampled"),
+    );
     let dropped = (2000 - kept as u64) * 4;
     assert!(
         unsampled >= dropped && unsampled - dropped <= spans_made.saturating_sub(8000),

@@ -8,9 +8,10 @@ use std::{
 };
 
 use wirespan_tests::{
-    Proc, SpanAgent, TempDir, bpf_ids_of, bpf_prog_loaded, chain_python, curl, free_port, nginx,
+    Proc, SpanAgent, TempDir, bpf_ids_of, bpf_prog_loaded, chain_python, counter, curl, free_port,
+    nginx,
     otlp::{Receiver, Span},
-    program, python_script, require_privileges, service,
+    program, python_script, require_privileges, service, summary,
 };
 
 /// tests/programs/raw_client.py: sends `bytes`, returns what came back.
@@ -31,13 +32,6 @@ fn raw(port: u16, bytes: &[u8], extra: &[&str]) -> Vec<u8> {
     wirespan_tests::hex(text.trim()).unwrap()
 }
 
-fn summary(log: &[String]) -> String {
-    log.iter()
-        .rfind(|l| l.contains(" spans: "))
-        .cloned()
-        .unwrap_or_else(|| panic!("no summary in {log:#?}"))
-}
-
 /// Events the kernel lost to a full ring buffer, from the agent's summary line.
 fn ring_full(summary: &str) -> u64 {
     summary
@@ -46,18 +40,6 @@ fn ring_full(summary: &str) -> u64 {
         .and_then(|r| r.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no ring buffer count in {summary}"))
-}
-
-/// The number just before `label` in the agent's summary line.
-fn counter(summary: &str, label: &str) -> u64 {
-    let i = summary
-        .find(label)
-        .unwrap_or_else(|| panic!("{label:?} not in {summary}"));
-    summary[..i]
-        .split_whitespace()
-        .last()
-        .and_then(|n| n.trim_end_matches(',').parse().ok())
-        .unwrap_or_else(|| panic!("no number before {label:?} in {summary}"))
 }
 
 fn all_text(spans: &[Span]) -> String {
