@@ -455,16 +455,17 @@ impl Stitcher {
                 } else {
                     Side::Client
                 };
-                self.new_conn(ev, Some(side), true);
-                // Read what /proc says about the process at its first sight: a short-lived
-                // client (curl) may be gone by the time its response arrives.
+                // Read what /proc says about the process at its first sight, before anything
+                // else: a short-lived client (curl, a script) may exit within milliseconds of
+                // its connect, sooner than the own-socket check of a new connection takes.
                 self.proc(h.pid, ev.comm());
+                self.new_conn(ev, Some(side), true);
             }
             EventKind::Data(dir) => {
+                self.proc(h.pid, ev.comm());
                 if !self.conns.contains_key(&id) {
                     self.new_conn(ev, None, false);
                 }
-                self.proc(h.pid, ev.comm());
                 let Some(mut conn) = self.conns.remove(&id) else {
                     return;
                 };
