@@ -74,6 +74,36 @@ fn traced(tgid: u32) -> bool {
 /// `bpf_ringbuf_query` flags.
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_RING_SIZE: u64 = 1;
+/// `bpf_ringbuf_output` flags.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// Records wake the agent each time the bytes waiting in the ring cross a multiple of this
+/// share of the ring (1/16: 256 KiB of a 4 MiB ring, about 1,500 records).
+const WAKEUP_SHIFT: u64 = 4;
+
+/// The wake-up flag for a record of `size` bytes.
+///
+/// The kernel's default wakes the reader for every record written while it had caught up,
+/// which at high rates is nearly every record: an interrupt and a scheduler wake-up per
+/// record, taken from the traced process, and an agent woken for one record at a time.
+/// Records are written without one; the agent is woken each time the bytes waiting cross a
+/// multiple of 1/16 of the ring (so a reader that fell asleep is woken long before the ring
+/// fills, even if a crossing races on two CPUs), and it drains the ring on its 50 ms tick
+/// anyway. A connect always wakes it: the agent reads a new client's /proc entry at its
+/// connection's first event, and a short-lived client (curl) may exit within milliseconds.
+#[inline(always)]
+fn wakeup(event_kind: u32, size: u64) -> u64 {
+    if event_kind == kind::CONNECT {
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    let step = EVENTS.query(BPF_RB_RING_SIZE) >> WAKEUP_SHIFT;
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if step == 0 || waiting / step != (waiting + size + 8) / step {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 /// Whether the ring buffer has room for the largest event. When the reader is behind, a call
 /// on a TCP socket is counted lost here, before the copies and the in-flight record it would
@@ -293,7 +323,10 @@ fn emit(
     let size = size_of::<EventHeader>() + captured;
     // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if EVENTS
+        .output::<[u8]>(bytes, wakeup(event_kind, size as u64))
+        .is_err()
+    {
         count_lost(lost::RINGBUF_FULL);
         return;
     }
@@ -325,7 +358,10 @@ fn emit(
         let size = size_of::<EventHeader>() + n;
         // SAFETY: as above.
         let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
-        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        if EVENTS
+            .output::<[u8]>(bytes, wakeup(kind::DATA_MORE, size as u64))
+            .is_err()
+        {
             count_lost(lost::RINGBUF_FULL);
             return;
         }

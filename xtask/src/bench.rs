@@ -185,6 +185,24 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, u64, usize)> {
     Ok((cpu_ns, kib("VmRSS:"), kib("VmHWM:"), fds))
 }
 
+/// Voluntary context switches of all of a process's threads: how often it went to sleep and
+/// was woken (for the agent, mostly by the kernel's ring buffer).
+fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// A number after `key` in the agent's summary line (`... 123 spans: 120 exported, ...`).
 fn summary_number(summary: &str, before: &str) -> u64 {
     let Some(i) = summary.find(before) else {
@@ -340,6 +358,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
             let spans_before = sink.count()?;
             let bpf_before = bpf_stats()?;
             let cpu_before = agent.as_ref().map(|a| a.usage()).transpose()?;
+            let wakeups_before = agent.as_ref().map_or(0, |a| wakeups(a.proc.pid()));
             let w = wrk(port, args.seconds)?;
             let bpf_after = bpf_stats()?;
             let mut m = BTreeMap::new();
@@ -350,6 +369,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
             if let Some(a) = agent {
                 let (cpu, rss, hwm, _) = a.usage()?;
                 let cpu_run = cpu - cpu_before.map(|c| c.0).unwrap_or(0);
+                let woken = wakeups(a.proc.pid()).saturating_sub(wakeups_before);
                 let summary = a.stop();
                 // Let the last batches arrive.
                 sleep(Duration::from_millis(500));
@@ -362,6 +382,10 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                 m.insert("rss_kib", rss as f64);
                 m.insert("peak_rss_kib", hwm as f64);
                 m.insert("agent_cpu_s", cpu_run as f64 / 1e9);
+                m.insert(
+                    "agent_wakeups_per_1k_requests",
+                    woken as f64 * 1000.0 / w.requests.max(1) as f64,
+                );
                 if mode == "wirespan" {
                     m.insert("spans_received", spans as f64);
                     m.insert("spans_per_request", spans as f64 / w.requests.max(1) as f64);
@@ -402,6 +426,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
         "peak_rss_kib",
         "spans_per_request",
         "spans_dropped",
+        "agent_wakeups_per_1k_requests",
     ] {
         result["wirespan"][key] = json!(med(&samples, "wirespan", key));
     }
@@ -735,7 +760,7 @@ fn print_table(r: &Value) {
     }
     let w = &n["wirespan"];
     println!(
-        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}",
+        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
         f(&w["bpf_ns_per_request"]),
         f(&n["floor"]["bpf_ns_per_request"]),
         f(&w["agent_cpu_ns_per_span"]),
@@ -743,6 +768,7 @@ fn print_table(r: &Value) {
         f(&w["peak_rss_kib"]) / 1024.0,
         f(&w["spans_per_request"]),
         f(&w["spans_dropped"]),
+        f(&w["agent_wakeups_per_1k_requests"]),
     );
     let s = &r["service"];
     println!(
