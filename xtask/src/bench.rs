@@ -359,7 +359,9 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
             let bpf_before = bpf_stats()?;
             let cpu_before = agent.as_ref().map(|a| a.usage()).transpose()?;
             let wakeups_before = agent.as_ref().map_or(0, |a| wakeups(a.proc.pid()));
+            let sink_cpu_before = proc_usage(sink.proc.pid())?.0;
             let w = wrk(port, args.seconds)?;
+            let sink_cpu = proc_usage(sink.proc.pid())?.0 - sink_cpu_before;
             let bpf_after = bpf_stats()?;
             let mut m = BTreeMap::new();
             m.insert("rps", w.rps);
@@ -387,6 +389,9 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                     woken as f64 * 1000.0 / w.requests.max(1) as f64,
                 );
                 if mode == "wirespan" {
+                    // The receiver shares the cores: its decoding is part of what the traced
+                    // nginx loses here, though it is not wirespan's own work.
+                    m.insert("sink_cpu_s", sink_cpu as f64 / 1e9);
                     m.insert("spans_received", spans as f64);
                     m.insert("spans_per_request", spans as f64 / w.requests.max(1) as f64);
                     m.insert(
@@ -427,6 +432,8 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
         "spans_per_request",
         "spans_dropped",
         "agent_wakeups_per_1k_requests",
+        "agent_cpu_s",
+        "sink_cpu_s",
     ] {
         result["wirespan"][key] = json!(med(&samples, "wirespan", key));
     }
@@ -769,6 +776,12 @@ fn print_table(r: &Value) {
         f(&w["spans_per_request"]),
         f(&w["spans_dropped"]),
         f(&w["agent_wakeups_per_1k_requests"]),
+    );
+    println!(
+        "  CPU during a wirespan run of {} s: agent {:.2} s, OTLP receiver {:.2} s (the receiver shares the cores)",
+        r["seconds"],
+        f(&w["agent_cpu_s"]),
+        f(&w["sink_cpu_s"]),
     );
     let s = &r["service"];
     println!(
