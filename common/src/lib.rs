@@ -68,14 +68,18 @@ pub struct Settings {
     pub capture_bytes: u32,
     /// One of `pid_filter::ALL_EXCEPT_IGNORED`, `pid_filter::ONLY_LISTED`.
     pub filter_mode: u32,
+    /// The `EVENTS` ring's size in bytes, as the agent created it (the programs would
+    /// otherwise ask the ring for it on every call).
+    pub ring_bytes: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 12);
 
 impl Settings {
     pub const fn zeroed() -> Self {
         Self {
             capture_bytes: 0,
             filter_mode: pid_filter::ALL_EXCEPT_IGNORED,
+            ring_bytes: 0,
         }
     }
 }

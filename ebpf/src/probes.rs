@@ -71,15 +71,16 @@ fn traced(tgid: u32) -> bool {
     }
 }
 
-/// `bpf_ringbuf_query` flags.
+/// `bpf_ringbuf_query` flag: bytes written and not yet read.
 const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
 /// `bpf_ringbuf_output` flags.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// The kernel's header before each ring record (`BPF_RINGBUF_HDR_SZ`).
+const RECORD_HEADER: u64 = 8;
 /// Records wake the agent each time the bytes waiting in the ring cross a multiple of this
 /// share of the ring (1/16: 256 KiB of a 4 MiB ring, about 1,500 records).
-const WAKEUP_SHIFT: u64 = 4;
+const WAKEUP_SHIFT: u32 = 4;
 
 /// The wake-up flag for a record of `size` bytes.
 ///
@@ -96,9 +97,9 @@ fn wakeup(event_kind: u32, size: u64) -> u64 {
     if event_kind == kind::CONNECT {
         return BPF_RB_FORCE_WAKEUP;
     }
-    let step = EVENTS.query(BPF_RB_RING_SIZE) >> WAKEUP_SHIFT;
+    let step = (settings().ring_bytes >> WAKEUP_SHIFT) as u64;
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if step == 0 || waiting / step != (waiting + size + 8) / step {
+    if step == 0 || waiting / step != (waiting + size + RECORD_HEADER) / step {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -111,8 +112,8 @@ fn wakeup(event_kind: u32, size: u64) -> u64 {
 /// nobody can read.
 #[inline(always)]
 fn ring_has_room() -> bool {
-    let room = EVENTS.query(BPF_RB_RING_SIZE) - EVENTS.query(BPF_RB_AVAIL_DATA);
-    if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + 8 {
+    let room = (settings().ring_bytes as u64).saturating_sub(EVENTS.query(BPF_RB_AVAIL_DATA));
+    if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + RECORD_HEADER {
         return true;
     }
     count_lost(lost::RINGBUF_FULL);

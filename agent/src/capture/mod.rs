@@ -138,6 +138,7 @@ impl Capture {
             } else {
                 pid_filter::ONLY_LISTED
             },
+            ring_bytes: config.ring_bytes,
         };
         // No kernel BTF for the loader: the programs read kernel structures at the offsets in
         // LAYOUT (derived above), not through CO-RE relocations, and parsing vmlinux BTF a
