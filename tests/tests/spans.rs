@@ -331,6 +331,50 @@ fn hundred_requests_on_one_keep_alive_connection() {
     }
 }
 
+/// A client that exits 20 ms after its connect: the agent must read its /proc entry (and the
+/// OTEL_SERVICE_NAME there) when the connect is reported, not at its next 50 ms look at the
+/// ring, which comes too late for most of the runs. Pauses between the runs leave the agent
+/// idle, so nothing but the connect can wake it.
+#[test]
+fn a_short_lived_client_is_named_by_its_own_environment() {
+    require_privileges!();
+    let dir = TempDir::new("oneshot").unwrap();
+    let port = free_port();
+    let _nginx = nginx(port, &dir.0).unwrap();
+    let receiver = Receiver::start().unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
+    const RUNS: usize = 20;
+    let client = "import socket, sys, time\n\
+        s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+        s.sendall(b'GET /oneshot HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+        while s.recv(4096): pass\n\
+        time.sleep(0.02)\n";
+    for _ in 0..RUNS {
+        let status = Command::new("python3")
+            .args(["-c", client, &port.to_string()])
+            .env("OTEL_SERVICE_NAME", "oneshot")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.stop().unwrap();
+    let spans = receive(&receiver, 2 * RUNS);
+    assert_eq!(of(&spans, "nginx", "SERVER").len(), RUNS, "{spans:#?}");
+    let clients: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == "CLIENT" && s.attr("server.port") == Some(&port.to_string()))
+        .collect();
+    assert_eq!(clients.len(), RUNS, "{spans:#?}");
+    for c in clients {
+        assert_eq!(
+            c.service(),
+            "oneshot",
+            "/proc was read after it exited: {c:#?}"
+        );
+    }
+}
+
 #[test]
 fn pipelined_requests_match_responses_in_order() {
     require_privileges!();
