@@ -173,16 +173,23 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, u64, usize)> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     let cpu_ns = ticks * 1_000_000_000 / hz.max(1);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |k: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    Ok((cpu_ns, kib("VmRSS:"), kib("VmHWM:"), fds))
+    Ok((
+        cpu_ns,
+        status_number(&status, "VmRSS:"),
+        status_number(&status, "VmHWM:"),
+        fds,
+    ))
+}
+
+/// The first number after `key` in a /proc status file (0 if absent).
+fn status_number(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Voluntary context switches of all of a process's threads: how often it went to sleep and
@@ -194,12 +201,7 @@ fn wakeups(pid: u32) -> u64 {
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
+        .map(|status| status_number(&status, "voluntary_ctxt_switches:"))
         .sum()
 }
 
