@@ -11,11 +11,6 @@
 pub struct KernelLayout {
     /// 1 once the agent has filled every field; 0 makes every program return at once.
     pub valid: u32,
-    /// Offset of the first syscall argument in a `syscalls:sys_enter_*` record; arguments are
-    /// 8 bytes apart (checked against every format file at load).
-    pub tp_args: u32,
-    /// Offset of `ret` in a `syscalls:sys_exit_*` record.
-    pub tp_ret: u32,
     /// `task_struct.files`
     pub task_files: u32,
     /// `files_struct.fdt`
@@ -36,34 +31,23 @@ pub struct KernelLayout {
     pub socket_type: u32,
     /// `socket.sk`
     pub socket_sk: u32,
-    /// `sock.__sk_common.skc_family`
-    pub sk_family: u32,
     /// `sock.sk_protocol`
     pub sk_protocol: u32,
-    /// `sock.__sk_common.skc_daddr`
+    /// `sock.__sk_common.skc_daddr`: the start of the addresses, ports and family, read in one
+    /// copy (see `SockHead`).
     pub sk_daddr: u32,
-    /// `sock.__sk_common.skc_rcv_saddr`
-    pub sk_rcv_saddr: u32,
-    /// `sock.__sk_common.skc_dport`
-    pub sk_dport: u32,
-    /// `sock.__sk_common.skc_num`
-    pub sk_num: u32,
-    /// `sock.__sk_common.skc_v6_daddr`
+    /// `sock.__sk_common.skc_v6_daddr`, followed by `skc_v6_rcv_saddr` (see `SockHead6`).
     pub sk_v6_daddr: u32,
-    /// `sock.__sk_common.skc_v6_rcv_saddr`
-    pub sk_v6_rcv_saddr: u32,
     /// `inet_sock.inet_sport` (the `struct sock` is the start of `inet_sock`): the local port,
     /// still set after the kernel clears `skc_num` on a fully closed connection.
     pub inet_sport: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 22 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 15 * 4);
 
 impl KernelLayout {
     pub const fn zeroed() -> Self {
         Self {
             valid: 0,
-            tp_args: 0,
-            tp_ret: 0,
             task_files: 0,
             files_fdt: 0,
             fdt_max_fds: 0,
@@ -74,14 +58,9 @@ impl KernelLayout {
             inode_ino: 0,
             socket_type: 0,
             socket_sk: 0,
-            sk_family: 0,
             sk_protocol: 0,
             sk_daddr: 0,
-            sk_rcv_saddr: 0,
-            sk_dport: 0,
-            sk_num: 0,
             sk_v6_daddr: 0,
-            sk_v6_rcv_saddr: 0,
             inet_sport: 0,
         }
     }
@@ -90,6 +69,45 @@ impl KernelLayout {
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only u32 fields, no padding (size checked above), any bit pattern is valid.
 unsafe impl aya::Pod for KernelLayout {}
+
+/// Offset of the first syscall argument in a `syscalls:sys_enter_*` record (arguments are 8
+/// bytes apart), and of `ret` in a `syscalls:sys_exit_*` record: after the 8-byte common header
+/// and the padded `__syscall_nr`, on every kernel with syscall tracepoints. The programs read
+/// the record with direct loads, whose offset is part of the instruction, so these are
+/// constants; the agent checks them against every format file before loading.
+pub const TP_ARGS: u32 = 16;
+pub const TP_RET: u32 = 16;
+
+/// The start of `struct sock_common`, from `skc_daddr` on, as the programs copy it in one read:
+/// IPv4 addresses (network order), ports (the remote one in network order) and the family.
+/// The agent checks the relative offsets against the kernel's BTF before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockHead {
+    /// `skc_daddr`
+    pub daddr: [u8; 4],
+    /// `skc_rcv_saddr`
+    pub rcv_saddr: [u8; 4],
+    /// `skc_hash`
+    pub hash: u32,
+    /// `skc_dport`
+    pub dport: u16,
+    /// `skc_num`
+    pub num: u16,
+    /// `skc_family`
+    pub family: u16,
+    /// `skc_state` and what follows it, unused.
+    pub rest: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SockHead>() == 24);
+
+/// `skc_v6_daddr` and `skc_v6_rcv_saddr`, adjacent in `struct sock_common`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockHead6 {
+    pub daddr: [u8; 16],
+    pub rcv_saddr: [u8; 16],
+}
 
 /// Where the kernel keeps a syscall's first four arguments in the thread's saved user
 /// registers (`struct pt_regs`): the member that holds each and the argument's byte offset. A

@@ -36,11 +36,11 @@ pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
 /// The socket of an in-flight record made at enter.
 #[inline(always)]
 pub fn inflight_sock(inflight: &Inflight) -> TcpSock {
-    TcpSock {
-        sk: inflight.sk as *const u8,
-        ino: inflight.ino,
-        family: inflight.family as u16,
-    }
+    TcpSock::known(
+        inflight.sk as *const u8,
+        inflight.ino,
+        inflight.family as u16,
+    )
 }
 
 /// LRU so that a thread that never returns (killed in the syscall) cannot leak an entry.

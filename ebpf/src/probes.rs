@@ -6,9 +6,12 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
+        bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_comm, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs,
+        },
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -16,7 +19,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use wirespan_common::{
     EventHeader, Inflight, KernelLayout, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, SYSCALL_ARG_REGS,
-    direction, kind, lost, pid_filter, syscall,
+    TP_ARGS, TP_RET, direction, kind, lost, pid_filter, syscall,
 };
 
 use crate::{
@@ -50,14 +53,23 @@ const fn args(fd: u32, buf: u32, count: u32, flags: u32) -> Args {
     }
 }
 
+/// A direct load from the tracepoint record; `offset` is a constant after inlining, as the
+/// verifier wants for context loads.
 #[inline(always)]
-fn arg(ctx: &TracePointContext, layout: &KernelLayout, index: u32) -> u64 {
+fn record<T: Copy>(ctx: &TracePointContext, offset: u32) -> T {
+    // SAFETY: the agent checked every format file against TP_ARGS/TP_RET before loading, and
+    // the verifier checks the constant offset against the record's size.
+    unsafe {
+        core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(offset as usize) as *const T)
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, index: u32) -> u64 {
     if index == NO_ARG {
         return 0;
     }
-    // SAFETY: tracepoint records hold 8-byte arguments from `tp_args` on; the agent checked each
-    // format file's field offsets before loading. The helper tolerates a bad offset.
-    unsafe { ctx.read_at::<u64>((layout.tp_args + 8 * index) as usize) }.unwrap_or(0)
+    record(ctx, TP_ARGS + 8 * index)
 }
 
 #[inline(always)]
@@ -92,13 +104,20 @@ const WAKEUP_SHIFT: u32 = 4;
 /// fills, even if a crossing races on two CPUs), and it drains the ring on its 50 ms tick
 /// anyway. A connect always wakes it: the agent reads a new client's /proc entry at its
 /// connection's first event, and a short-lived client (curl) may exit within milliseconds.
+///
+/// `waiting` is the ring's fill as this program read it before its copies, if it did (a
+/// query costs a cross-CPU cache miss or two): a crossing that other CPUs' records make in
+/// the meantime is seen by the next record.
 #[inline(always)]
-fn wakeup(event_kind: u32, size: u64) -> u64 {
+fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
     if event_kind == kind::CONNECT {
         return BPF_RB_FORCE_WAKEUP;
     }
     let step = (settings().ring_bytes >> WAKEUP_SHIFT) as u64;
-    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let waiting = match waiting {
+        Some(waiting) => waiting,
+        None => EVENTS.query(BPF_RB_AVAIL_DATA),
+    };
     if step == 0 || waiting / step != (waiting + size + RECORD_HEADER) / step {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -106,18 +125,19 @@ fn wakeup(event_kind: u32, size: u64) -> u64 {
     }
 }
 
-/// Whether the ring buffer has room for the largest event. When the reader is behind, a call
-/// on a TCP socket is counted lost here, before the copies and the in-flight record it would
-/// have been lost after anyway: under overload the traced processes pay less for events
-/// nobody can read.
+/// The bytes waiting in the ring, if it has room for the largest event. When the reader is
+/// behind, a call on a TCP socket is counted lost here, before the copies and the in-flight
+/// record it would have been lost after anyway: under overload the traced processes pay less
+/// for events nobody can read.
 #[inline(always)]
-fn ring_has_room() -> bool {
-    let room = (settings().ring_bytes as u64).saturating_sub(EVENTS.query(BPF_RB_AVAIL_DATA));
+fn ring_room() -> Option<u64> {
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let room = (settings().ring_bytes as u64).saturating_sub(waiting);
     if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + RECORD_HEADER {
-        return true;
+        return Some(waiting);
     }
     count_lost(lost::RINGBUF_FULL);
-    false
+    None
 }
 
 /// The kernel layout and the caller's pid_tgid, if the programs are live and the caller's
@@ -138,19 +158,19 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some((layout, pid_tgid)) = traced_caller() else {
         return 0;
     };
-    let fd = arg(ctx, &layout, at.fd) as i64;
+    let fd = arg(ctx, at.fd) as i64;
     let Some(sock) = tcp_socket(&layout, fd) else {
         return 0;
     };
-    if !ring_has_room() {
+    if ring_room().is_none() {
         return 0;
     }
     let inflight = Inflight {
         sk: sock.sk as u64,
         ino: sock.ino,
         family: sock.family as u32,
-        buf: arg(ctx, &layout, at.buf),
-        iovcnt: arg(ctx, &layout, at.count),
+        buf: arg(ctx, at.buf),
+        iovcnt: arg(ctx, at.count),
         fd: fd as i32,
         syscall: id,
         _pad: 0,
@@ -195,9 +215,8 @@ fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
 }
 
 #[inline(always)]
-fn ret(ctx: &TracePointContext, layout: &KernelLayout) -> i64 {
-    // SAFETY: `ret` sits at `tp_ret` in every sys_exit record (checked by the agent at load).
-    unsafe { ctx.read_at::<i64>(layout.tp_ret as usize) }.unwrap_or(-1)
+fn ret(ctx: &TracePointContext) -> i64 {
+    record(ctx, TP_RET)
 }
 
 /// The socket of an in-flight record.
@@ -235,6 +254,7 @@ fn emit(
     len: u64,
     payload: Payload,
     enter_ns: u64,
+    waiting: Option<u64>,
 ) {
     let (event_kind, id, dir) = ev;
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
@@ -257,18 +277,27 @@ fn emit(
     header.direction = dir;
     header.syscall = id;
     header.len = len;
-    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Straight into the header (the kernel zeroes it if it fails), not through a copy.
+    // SAFETY: `comm` is 16 writable bytes.
+    unsafe {
+        bpf_get_current_comm(
+            header.comm.as_mut_ptr() as *mut core::ffi::c_void,
+            header.comm.len() as u32,
+        )
+    };
     fill_endpoints(layout, sock, header);
 
     // A socket in the middle of a large request head gets its calls captured whole.
     let head_key = sock.sk as u64 + dir as u64;
     // Only a call longer than the prefix can need more of its bytes.
-    let budget: u64 = if event_kind == kind::DATA && len > settings().capture_bytes as u64 {
+    let looked = event_kind == kind::DATA && len > settings().capture_bytes as u64;
+    let budget: u64 = if looked {
         // SAFETY: the value is copied out at once.
         unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64
     } else {
         0
     };
+    let had_head = budget > 0;
     let limit = {
         let want = if budget > 0 {
             MAX_CAPTURE as u64
@@ -315,7 +344,9 @@ fn emit(
         let left = budget - total;
         if left > 0 && len >= settings().capture_bytes as u64 {
             let _ = HEADS.insert(head_key, left as u32, 0);
-        } else if budget > 0 {
+        } else if budget > 0 && (had_head || !looked && heads_has(head_key)) {
+            // A delete from the LRU takes its locks even for a missing key; most requests
+            // never had a record here.
             let _ = HEADS.remove(head_key);
         }
     }
@@ -325,7 +356,7 @@ fn emit(
     // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
     if EVENTS
-        .output::<[u8]>(bytes, wakeup(event_kind, size as u64))
+        .output::<[u8]>(bytes, wakeup(event_kind, size as u64, waiting))
         .is_err()
     {
         count_lost(lost::RINGBUF_FULL);
@@ -360,13 +391,19 @@ fn emit(
         // SAFETY: as above.
         let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
         if EVENTS
-            .output::<[u8]>(bytes, wakeup(kind::DATA_MORE, size as u64))
+            .output::<[u8]>(bytes, wakeup(kind::DATA_MORE, size as u64, None))
             .is_err()
         {
             count_lost(lost::RINGBUF_FULL);
             return;
         }
     }
+}
+
+#[inline(always)]
+fn heads_has(key: u64) -> bool {
+    // SAFETY: only the presence is used.
+    unsafe { HEADS.get(key) }.is_some()
 }
 
 /// Whether a call's first bytes are an HTTP method and a space.
@@ -385,24 +422,25 @@ fn starts_like_request(data: &[u8]) -> bool {
 /// The current syscall's arguments `at`, read at its exit from the saved user registers (see
 /// `SYSCALL_ARG_REGS`).
 #[inline(always)]
-fn exit_args(at: Args) -> Option<(i64, u64, u64, u32)> {
-    // SAFETY: both helpers take and return kernel pointers the verifier tracks by BTF; the
-    // registers are copied out through bpf_probe_read_kernel, which tolerates any address.
+fn exit_args(at: Args) -> (i64, u64, u64, u32) {
+    // SAFETY: both helpers take and return kernel pointers the verifier tracks by BTF, and the
+    // registers are direct loads at constant offsets it checks against `struct pt_regs` (the
+    // agent checked the same offsets against BTF before loading).
     unsafe {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
-        let get = |index: u32| -> Option<u64> {
+        let get = |index: u32| -> u64 {
             if index == NO_ARG {
-                return Some(0);
+                return 0;
             }
             let offset = SYSCALL_ARG_REGS[(index & 3) as usize].1 as usize;
-            bpf_probe_read_kernel(regs.add(offset) as *const u64).ok()
+            core::ptr::read_volatile(regs.add(offset) as *const u64)
         };
-        Some((
-            get(at.fd)? as i64,
-            get(at.buf)?,
-            get(at.count)?,
-            get(at.flags)? as u32,
-        ))
+        (
+            get(at.fd) as i64,
+            get(at.buf),
+            get(at.count),
+            get(at.flags) as u32,
+        )
     }
 }
 
@@ -414,23 +452,20 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some((layout, pid_tgid)) = traced_caller() else {
         return 0;
     };
-    let len = ret(ctx, &layout);
+    let len = ret(ctx);
     if len <= 0 {
         return 0;
     }
-    let Some((fd, buf, count, flags)) = exit_args(at) else {
-        count_lost(lost::READ_FAILED);
-        return 0;
-    };
+    let (fd, buf, count, flags) = exit_args(at);
     if flags & MSG_PEEK != 0 {
         return 0;
     }
     let Some(sock) = tcp_socket(&layout, fd) else {
         return 0;
     };
-    if !ring_has_room() {
+    let Some(waiting) = ring_room() else {
         return 0;
-    }
+    };
     let payload = match id {
         syscall::READV => Payload::Iov(buf, count),
         syscall::RECVMSG => Payload::Msghdr(buf),
@@ -445,6 +480,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         len as u64,
         payload,
         0,
+        Some(waiting),
     );
     0
 }
@@ -466,7 +502,7 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
         return 0;
     };
     let layout = layout();
-    let len = ret(ctx, &layout);
+    let len = ret(ctx);
     if len <= 0 {
         return 0;
     }
@@ -495,6 +531,7 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
         len as u64,
         payload,
         inflight.enter_ns,
+        None,
     );
     0
 }
@@ -556,7 +593,7 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
         return 0;
     }
     let layout = layout();
-    let fd = ret(ctx, &layout);
+    let fd = ret(ctx);
     if fd < 0 {
         return 0;
     }
@@ -570,6 +607,7 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
             0,
             Payload::None,
             0,
+            None,
         );
     }
     0
@@ -609,7 +647,7 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let layout = layout();
-    let r = ret(&ctx, &layout);
+    let r = ret(&ctx);
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
@@ -623,6 +661,7 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
             0,
             Payload::None,
             0,
+            None,
         );
     }
     0
@@ -634,7 +673,7 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
     let Some((layout, pid_tgid)) = traced_caller() else {
         return 0;
     };
-    let fd = arg(&ctx, &layout, 0) as i64;
+    let fd = arg(&ctx, 0) as i64;
     if let Some(sock) = tcp_socket(&layout, fd) {
         emit(
             pid_tgid,
@@ -645,6 +684,7 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
             0,
             Payload::None,
             0,
+            None,
         );
     }
     0

@@ -1,10 +1,13 @@
 //! From a file descriptor of the current task to its TCP socket and endpoints.
 //!
 //! Walks task->files->fdt->fd[fd]->(f_inode, private_data)->sk with offsets the agent derived
-//! from BTF; any field that cannot be read ends the walk with "not a TCP socket".
+//! from BTF; any field that cannot be read ends the walk with "not a TCP socket". The first
+//! steps are direct loads through the BTF-typed task pointer (the verifier knows the offsets:
+//! they come from the frozen, read-only `LAYOUT`); from the descriptor array on, the pointers
+//! are plain numbers to the verifier and are read with `bpf_probe_read_kernel`.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task};
-use wirespan_common::{EventHeader, KernelLayout, family};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task_btf};
+use wirespan_common::{EventHeader, KernelLayout, SockHead, SockHead6, family};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -20,6 +23,24 @@ pub struct TcpSock {
     /// The socket inode's number: the connection id.
     pub ino: u64,
     pub family: u16,
+    /// The addresses and ports, when the walk already copied them (`head_read`).
+    pub head: SockHead,
+    pub head_read: bool,
+}
+
+impl TcpSock {
+    /// A socket known from an earlier program (an in-flight record): its endpoints are read
+    /// when needed.
+    #[inline(always)]
+    pub fn known(sk: *const u8, ino: u64, family: u16) -> Self {
+        Self {
+            sk,
+            ino,
+            family,
+            head: SockHead::default(),
+            head_read: false,
+        }
+    }
 }
 
 #[inline(always)]
@@ -29,23 +50,43 @@ unsafe fn read<T>(base: *const u8, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T).ok() }
 }
 
+/// A direct load through a BTF-typed kernel pointer (a `PROBE_MEM` load: a bad address reads
+/// as zero instead of faulting).
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the verifier checks the offset and size against the pointer's BTF type at load
+    // and turns the load into one that tolerates a bad address.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) }
+}
+
 /// The TCP socket open on `fd` in the current task, if it is one.
 #[inline(always)]
 pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
     if fd < 0 {
         return None;
     }
-    // SAFETY: every dereference below goes through bpf_probe_read_kernel, which validates the
-    // address; a wrong pointer yields None, never a fault.
+    // SAFETY: the first loads go through BTF-typed pointers (see `load`), every dereference
+    // after them through bpf_probe_read_kernel, which validates the address; a wrong pointer
+    // yields None, never a fault.
     unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let files: *const u8 = read(task, layout.task_files)?;
-        let fdt: *const u8 = read(files, layout.files_fdt)?;
-        let max_fds: u32 = read(fdt, layout.fdt_max_fds)?;
+        let task = bpf_get_current_task_btf() as *const u8;
+        let files: *const u8 = load(task, layout.task_files);
+        // The verifier may type these as possibly null: no arithmetic before the checks.
+        if files.is_null() {
+            return None;
+        }
+        let fdt: *const u8 = load(files, layout.files_fdt);
+        if fdt.is_null() {
+            return None;
+        }
+        let max_fds: u32 = load(fdt, layout.fdt_max_fds);
         if fd as u64 >= max_fds as u64 {
             return None;
         }
-        let fd_array: *const *const u8 = read(fdt, layout.fdt_fd)?;
+        let fd_array: *const *const u8 = load(fdt, layout.fdt_fd);
+        if fd_array.is_null() {
+            return None;
+        }
         let file: *const u8 = bpf_probe_read_kernel(fd_array.add(fd as usize)).ok()?;
         if file.is_null() {
             return None;
@@ -61,8 +102,8 @@ pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
             return None;
         }
         let sk: *const u8 = read(socket, layout.socket_sk)?;
-        let fam: u16 = read(sk, layout.sk_family)?;
-        if fam != family::INET && fam != family::INET6 {
+        let head: SockHead = read(sk, layout.sk_daddr)?;
+        if head.family != family::INET && head.family != family::INET6 {
             return None;
         }
         let protocol: u16 = read(sk, layout.sk_protocol)?;
@@ -73,7 +114,9 @@ pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
         Some(TcpSock {
             sk,
             ino,
-            family: fam,
+            family: head.family,
+            head,
+            head_read: true,
         })
     }
 }
@@ -85,24 +128,27 @@ pub fn fill_endpoints(layout: &KernelLayout, sock: &TcpSock, header: &mut EventH
     header.family = sock.family;
     // SAFETY: reads go through bpf_probe_read_kernel (see `read`); a failed read leaves zeros.
     unsafe {
-        let dport: u16 = read(sock.sk, layout.sk_dport).unwrap_or(0);
-        header.remote_port = u16::from_be(dport);
-        header.local_port = read(sock.sk, layout.sk_num).unwrap_or(0);
+        let head = if sock.head_read {
+            sock.head
+        } else {
+            read(sock.sk, layout.sk_daddr).unwrap_or_default()
+        };
+        header.remote_port = u16::from_be(head.dport);
+        header.local_port = head.num;
         if header.local_port == 0 {
             // Cleared when the connection reached TCP_CLOSE (e.g. close after shutdown).
             let sport: u16 = read(sock.sk, layout.inet_sport).unwrap_or(0);
             header.local_port = u16::from_be(sport);
         }
         if sock.family == family::INET6 {
-            header.local_addr = read(sock.sk, layout.sk_v6_rcv_saddr).unwrap_or([0; 16]);
-            header.remote_addr = read(sock.sk, layout.sk_v6_daddr).unwrap_or([0; 16]);
+            let v6: SockHead6 = read(sock.sk, layout.sk_v6_daddr).unwrap_or_default();
+            header.local_addr = v6.rcv_saddr;
+            header.remote_addr = v6.daddr;
         } else {
-            let local: [u8; 4] = read(sock.sk, layout.sk_rcv_saddr).unwrap_or([0; 4]);
-            let remote: [u8; 4] = read(sock.sk, layout.sk_daddr).unwrap_or([0; 4]);
             header.local_addr = [0; 16];
             header.remote_addr = [0; 16];
-            header.local_addr[..4].copy_from_slice(&local);
-            header.remote_addr[..4].copy_from_slice(&remote);
+            header.local_addr[..4].copy_from_slice(&head.rcv_saddr);
+            header.remote_addr[..4].copy_from_slice(&head.daddr);
         }
     }
 }

@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, Type};
-use wirespan_common::{KernelLayout, SYSCALL_ARG_REGS};
+use std::mem::offset_of;
+
+use wirespan_common::{KernelLayout, SYSCALL_ARG_REGS, SockHead, SockHead6, TP_ARGS, TP_RET};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -290,10 +292,28 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
         Ok(info.offset)
     };
     check_saved_registers(btf)?;
+    check_constant(tp_args, TP_ARGS, "sys_enter_*", "the first argument")?;
+    check_constant(tp_ret, TP_RET, "sys_exit_*", "ret")?;
+    let sk_daddr = m("sock", "__sk_common.skc_daddr", &[4])?;
+    let sk_v6_daddr = m("sock", "__sk_common.skc_v6_daddr", &[16])?;
+    check_adjacent(
+        btf,
+        sk_daddr,
+        &[
+            ("skc_rcv_saddr", offset_of!(SockHead, rcv_saddr)),
+            ("skc_hash", offset_of!(SockHead, hash)),
+            ("skc_dport", offset_of!(SockHead, dport)),
+            ("skc_num", offset_of!(SockHead, num)),
+            ("skc_family", offset_of!(SockHead, family)),
+        ],
+    )?;
+    check_adjacent(
+        btf,
+        sk_v6_daddr,
+        &[("skc_v6_rcv_saddr", offset_of!(SockHead6, rcv_saddr))],
+    )?;
     Ok(KernelLayout {
         valid: 1,
-        tp_args: tp_args.unwrap_or(0),
-        tp_ret: tp_ret.unwrap_or(0),
         task_files: m("task_struct", "files", &[8])?,
         files_fdt: m("files_struct", "fdt", &[8])?,
         fdt_max_fds: m("fdtable", "max_fds", &[4])?,
@@ -304,16 +324,50 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
         inode_ino: m("inode", "i_ino", &[8])?,
         socket_type: m("socket", "type", &[2])?,
         socket_sk: m("socket", "sk", &[8])?,
-        sk_family: m("sock", "__sk_common.skc_family", &[2])?,
         sk_protocol: m("sock", "sk_protocol", &[2])?,
-        sk_daddr: m("sock", "__sk_common.skc_daddr", &[4])?,
-        sk_rcv_saddr: m("sock", "__sk_common.skc_rcv_saddr", &[4])?,
-        sk_dport: m("sock", "__sk_common.skc_dport", &[2])?,
-        sk_num: m("sock", "__sk_common.skc_num", &[2])?,
-        sk_v6_daddr: m("sock", "__sk_common.skc_v6_daddr", &[16])?,
-        sk_v6_rcv_saddr: m("sock", "__sk_common.skc_v6_rcv_saddr", &[16])?,
+        sk_daddr,
+        sk_v6_daddr,
         inet_sport: m("inet_sock", "inet_sport", &[2])?,
     })
+}
+
+/// Checks that a tracepoint field sits where the programs read it (`TP_ARGS`, `TP_RET`).
+fn check_constant(
+    found: Option<u32>,
+    expected: u32,
+    tracepoints: &str,
+    field: &str,
+) -> Result<(), LayoutError> {
+    match found {
+        Some(offset) if offset != expected => Err(LayoutError::Tracepoint {
+            tracepoint: tracepoints.into(),
+            reason: format!("{field} at offset {offset}, the programs read it at {expected}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `sock_common` members sit at these distances from the one at `base`, as the
+/// programs copy them in one read (`SockHead`, `SockHead6`).
+fn check_adjacent(
+    btf: &KernelBtf,
+    base: u32,
+    members: &[(&str, usize)],
+) -> Result<(), LayoutError> {
+    for &(name, distance) in members {
+        let info = btf.member("sock", &format!("__sk_common.{name}"))?;
+        if info.offset as usize != base as usize + distance {
+            return Err(LayoutError::Member {
+                what: format!("sock.__sk_common.{name}"),
+                reason: format!(
+                    "at offset {}, the programs read it at {}",
+                    info.offset,
+                    base as usize + distance
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks that this kernel saves the syscall argument registers where the exit programs read
@@ -425,5 +479,23 @@ print fmt: \"fd: 0x%08lx, buf: 0x%08lx, count: 0x%08lx\"
         assert!(btf.member("sock", "no_such_member").is_err());
         check_saved_registers(&btf).expect("syscall arguments where the programs read them");
         assert!(btf.member("no_such_struct_xyz", "x").is_err());
+        // The programs copy the addresses, ports and family in one read: a kernel whose
+        // sock_common is laid out otherwise is refused, not misread.
+        check_adjacent(&btf, 0, &[("skc_family", offset_of!(SockHead, family))])
+            .expect("skc_family where SockHead has it");
+        let err = check_adjacent(&btf, 0, &[("skc_family", 18)]).unwrap_err();
+        assert!(err.to_string().contains("skc_family"), "{err}");
+    }
+
+    #[test]
+    fn refuses_tracepoint_records_read_at_other_offsets() {
+        assert!(check_constant(Some(16), TP_ARGS, "sys_enter_*", "the first argument").is_ok());
+        let err = check_constant(Some(24), TP_ARGS, "sys_enter_*", "the first argument")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("at offset 24") && err.contains("at 16"),
+            "{err}"
+        );
     }
 }
