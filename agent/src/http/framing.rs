@@ -9,6 +9,8 @@
 //! mid-message, a gap over a chunk-size line, malformed input), the stream resynchronises at the
 //! next call that begins like a message.
 
+use std::mem::MaybeUninit;
+
 /// Largest head accepted; larger ones are counted and skipped.
 pub const MAX_HEAD: usize = 96 * 1024;
 /// Most header fields parsed in one head.
@@ -571,15 +573,18 @@ fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
             Start::No => return Parsed::Invalid,
         },
     };
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Uninitialised: the parser writes the fields it finds, and 256 empty ones would be 8 KiB
+    // to fill for every head.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let config = httparse::ParserConfig::default();
     let mut head = Head {
         kind: Some(kind),
         ..Head::default()
     };
     let status = match kind {
         MessageKind::Request => {
-            let mut req = httparse::Request::new(&mut fields);
-            let status = req.parse(buf);
+            let mut req = httparse::Request::new(&mut []);
+            let status = config.parse_request_with_uninit_headers(&mut req, buf, &mut fields);
             if let Ok(httparse::Status::Complete(_)) = status {
                 head.method = req.method.unwrap_or_default().to_string();
                 head.target = req.path.unwrap_or_default().to_string();
@@ -589,8 +594,8 @@ fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
             status
         }
         MessageKind::Response => {
-            let mut resp = httparse::Response::new(&mut fields);
-            let status = resp.parse(buf);
+            let mut resp = httparse::Response::new(&mut []);
+            let status = config.parse_response_with_uninit_headers(&mut resp, buf, &mut fields);
             if let Ok(httparse::Status::Complete(_)) = status {
                 head.status = resp.code.unwrap_or_default();
                 head.version = resp.version.unwrap_or(1);
@@ -614,6 +619,19 @@ fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
     let mut close = false;
     for f in fields {
         let name = f.name;
+        let kept = KEPT_HEADERS.iter().find(|k| name.eq_ignore_ascii_case(k));
+        let framing = [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "expect",
+        ]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n));
+        if kept.is_none() && !framing {
+            // Most fields matter to neither framing nor spans: their values are not decoded.
+            continue;
+        }
         let value = String::from_utf8_lossy(f.value);
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
@@ -644,7 +662,7 @@ fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
             }
         } else if name.eq_ignore_ascii_case("expect") {
             head.expect_continue = value.eq_ignore_ascii_case("100-continue");
-        } else if let Some(kept) = KEPT_HEADERS.iter().find(|k| name.eq_ignore_ascii_case(k)) {
+        } else if let Some(kept) = kept {
             head.headers.push((kept, value.to_string()));
         }
     }
