@@ -172,8 +172,9 @@ pub struct Inflight {
     pub fd: i32,
     /// One of `syscall::*`.
     pub syscall: u32,
-    /// Keeps `enter_ns` 8-byte aligned without implicit padding (always 0).
-    pub _pad: u32,
+    /// Bytes waiting in the ring when enter checked it for room, for the exit's wake-up decision
+    /// (records seeded by the agent carry 0 and `enter_ns` 0: the exit asks the ring then).
+    pub ring_waiting: u32,
     /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
     pub enter_ns: u64,
 }

@@ -47,7 +47,7 @@ pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
         family: 0,
         fd: i32::try_from(a[0]).ok()?,
         syscall: id,
-        _pad: 0,
+        ring_waiting: 0,
         enter_ns: 0,
     })
 }
