@@ -434,21 +434,24 @@ impl OwnSockets {
         self.listening.contains(&remote) || self.connected.contains(&(remote, local))
     }
 
-    /// Whether a traced connection from `local` to `remote` has wirespan at its other end.
-    /// Re-reads /proc at most every 100 ms on a miss.
-    pub fn is_own(&mut self, local: SocketAddr, remote: SocketAddr) -> bool {
+    /// Whether a traced connection from `local` to `remote`, first seen at `seen`, has
+    /// wirespan at its other end. Re-reads /proc at most every 100 ms on a miss, so a miss is
+    /// only final (`Some(false)`) once our sockets were read after `seen`: until then it is
+    /// `None`, and the caller asks again at the connection's later events. (Our end of a
+    /// connection exists before the far end's accept or first byte is seen, so a read after
+    /// `seen` cannot miss it.)
+    pub fn is_own(&mut self, local: SocketAddr, remote: SocketAddr, seen: Instant) -> Option<bool> {
         let (local, remote) = (canonical(local), canonical(remote));
         if self.known(local, remote) {
-            return true;
+            return Some(true);
         }
-        if self
-            .refreshed
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        if let Some(t) = self.refreshed
+            && t.elapsed() < Duration::from_millis(100)
         {
-            return false;
+            return (t >= seen).then_some(false);
         }
         self.refresh();
-        self.known(local, remote)
+        Some(self.known(local, remote))
     }
 
     fn refresh(&mut self) {
@@ -666,19 +669,29 @@ mod tests {
         let ours = listener.local_addr().unwrap();
         let elsewhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut own = OwnSockets::new();
+        let now = Instant::now;
+        let before = now();
         // A connection to our listener, from anywhere.
-        assert!(own.is_own(elsewhere, ours));
-        assert!(!own.is_own(ours, elsewhere));
+        assert_eq!(own.is_own(elsewhere, ours, before), Some(true));
+        assert_eq!(own.is_own(ours, elsewhere, before), Some(false));
         // A connection we made: only its exact other end is ours.
         let client = std::net::TcpStream::connect(ours).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         let (mine, theirs) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        // Seen within 100 ms of the last read of our sockets: not known yet, rather than
+        // "not ours" for good (the far end of an export connection made just then).
+        let seen = now();
+        assert_eq!(own.is_own(theirs, mine, seen), None);
         std::thread::sleep(Duration::from_millis(110));
-        assert!(own.is_own(theirs, mine), "the far end of our connection");
+        assert_eq!(
+            own.is_own(theirs, mine, seen),
+            Some(true),
+            "the far end of our connection"
+        );
         // Another connection that happens to use our port, to somewhere else: not ours (the
         // case of a port we closed being reused by a traced process).
         let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        assert!(!own.is_own(other, mine));
+        assert_eq!(own.is_own(other, mine, seen), Some(false));
         drop(accepted);
     }
 

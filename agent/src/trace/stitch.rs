@@ -223,6 +223,9 @@ struct Conn {
     pending: VecDeque<Pending>,
     /// The far end is wirespan: nothing here is traced.
     own: bool,
+    /// When the connection was first seen, while `own` is not settled yet (see
+    /// `OwnSockets::is_own`): asked again at each of its events until it is.
+    own_unsettled: Option<Instant>,
     last_seen: Instant,
     /// Kernel time of the connection's last event.
     last_ts: u64,
@@ -471,6 +474,9 @@ impl Stitcher {
                 };
                 conn.last_seen = self.now;
                 conn.last_ts = h.ts_ns;
+                if let Some(seen) = conn.own_unsettled {
+                    self.settle_own(&mut conn, seen);
+                }
                 if !conn.own {
                     self.data(&mut conn, ev, dir, out);
                 }
@@ -482,6 +488,23 @@ impl Stitcher {
                 }
             }
             EventKind::DataMore(_) => {}
+        }
+    }
+
+    /// Asks again whether a connection first seen at `seen` is wirespan's own. One found to
+    /// be ours drops what it had in progress, untraced (the telemetry-export check kept any
+    /// export request in it from becoming a span meanwhile).
+    fn settle_own(&mut self, conn: &mut Conn, seen: Instant) {
+        let Some(own) = self.own.is_own(conn.local, conn.remote, seen) else {
+            return;
+        };
+        conn.own_unsettled = None;
+        if own {
+            conn.own = true;
+            self.stats.own_connections += 1;
+            for p in conn.pending.drain(..) {
+                self.nodes.remove(&p.id);
+            }
         }
     }
 
@@ -503,7 +526,9 @@ impl Stitcher {
             }
         };
         let remote = ev.remote();
-        let own = self.own.is_own(ev.local(), remote);
+        let seen = Instant::now();
+        let verdict = self.own.is_own(ev.local(), remote, seen);
+        let own = verdict == Some(true);
         if own {
             self.stats.own_connections += 1;
         }
@@ -521,6 +546,7 @@ impl Stitcher {
                 egress: stream(egress_kind),
                 pending: VecDeque::new(),
                 own,
+                own_unsettled: verdict.is_none().then_some(seen),
                 last_seen: self.now,
                 last_ts: ev.header.ts_ns,
             }),
