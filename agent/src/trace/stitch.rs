@@ -23,7 +23,7 @@
 //! waits a little for it (see [`PEER_WAIT`]).
 
 use std::{
-    collections::VecDeque,
+    collections::{VecDeque, hash_map::Entry},
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -466,14 +466,17 @@ impl Stitcher {
                 // else: a short-lived client (curl, a script) may exit within milliseconds of
                 // its connect, sooner than the own-socket check of a new connection takes.
                 self.proc(h.pid, ev.comm());
-                self.new_conn(ev, Some(side), true);
+                if let Some(conn) = self.new_conn(ev, Some(side), true) {
+                    self.conns.insert(id, conn);
+                }
             }
             EventKind::Data(dir) => {
                 self.proc(h.pid, ev.comm());
-                if !self.conns.contains_key(&id) {
-                    self.new_conn(ev, None, false);
-                }
-                let Some(mut conn) = self.conns.remove(&id) else {
+                let Some(mut conn) = self
+                    .conns
+                    .remove(&id)
+                    .or_else(|| self.new_conn(ev, None, false))
+                else {
                     return;
                 };
                 conn.last_seen = self.now;
@@ -512,10 +515,16 @@ impl Stitcher {
         }
     }
 
-    fn new_conn(&mut self, ev: &SocketEvent<'_>, side: Option<Side>, from_start: bool) {
+    /// A connection's state from its first event, unless the table is full (counted).
+    fn new_conn(
+        &mut self,
+        ev: &SocketEvent<'_>,
+        side: Option<Side>,
+        from_start: bool,
+    ) -> Option<Box<Conn>> {
         if self.conns.len() >= self.max_connections {
             self.stats.connections_dropped += 1;
-            return;
+            return None;
         }
         let (ingress_kind, egress_kind) = match side {
             Some(Side::Server) => (Some(MessageKind::Request), Some(MessageKind::Response)),
@@ -536,25 +545,22 @@ impl Stitcher {
         if own {
             self.stats.own_connections += 1;
         }
-        self.conns.insert(
-            ev.header.conn_id,
-            Box::new(Conn {
-                pid: ev.header.pid,
-                side,
-                from_start,
-                local: ev.local(),
-                remote,
-                local_ip: attributes::ip_text(&ev.local()),
-                remote_ip: attributes::ip_text(&remote),
-                ingress: stream(ingress_kind),
-                egress: stream(egress_kind),
-                pending: VecDeque::new(),
-                own,
-                own_unsettled: verdict.is_none().then_some(seen),
-                last_seen: self.now,
-                last_ts: ev.header.ts_ns,
-            }),
-        );
+        Some(Box::new(Conn {
+            pid: ev.header.pid,
+            side,
+            from_start,
+            local: ev.local(),
+            remote,
+            local_ip: attributes::ip_text(&ev.local()),
+            remote_ip: attributes::ip_text(&remote),
+            ingress: stream(ingress_kind),
+            egress: stream(egress_kind),
+            pending: VecDeque::new(),
+            own,
+            own_unsettled: verdict.is_none().then_some(seen),
+            last_seen: self.now,
+            last_ts: ev.header.ts_ns,
+        }))
     }
 
     fn data(&mut self, conn: &mut Conn, ev: &SocketEvent<'_>, dir: Direction, out: &mut Vec<Span>) {
@@ -1198,16 +1204,21 @@ impl Stitcher {
             if !old && self.finished.len() <= MAX_FINISHED {
                 break;
             }
-            if self.nodes.get(&id).is_some_and(|n| n.deferred) {
+            let Some(n) = self.nodes.remove(&id) else {
+                self.finished.pop_front();
+                continue;
+            };
+            if n.deferred {
                 // Emitted within PEER_WAIT; forget it on a later tick.
+                self.nodes.insert(id, n);
                 break;
             }
             self.finished.pop_front();
-            if let Some(n) = self.nodes.remove(&id)
-                && let Some(k) = n.peer_key
-                && self.clients.get(&k) == Some(&id)
+            if let Some(k) = n.peer_key
+                && let Entry::Occupied(e) = self.clients.entry(k)
+                && *e.get() == id
             {
-                self.clients.remove(&k);
+                e.remove();
             }
         }
     }
