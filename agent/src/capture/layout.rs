@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use btf_rs::{Btf, Type};
+use super::btf::Btf;
 use std::mem::offset_of;
 
 use wirespan_common::{KernelLayout, SYSCALL_ARG_REGS, SockHead, SockHead6, TP_ARGS, TP_RET};
@@ -129,11 +129,7 @@ pub fn read_format(tracefs: &Path, category: &str, name: &str) -> Result<Vec<Fie
     Ok(parse_format(&text))
 }
 
-/// Offset and size of a member, found through any anonymous structs and unions.
-pub struct MemberInfo {
-    pub offset: u32,
-    pub size: usize,
-}
+pub use super::btf::MemberInfo;
 
 /// Looks up struct members in the kernel's BTF.
 pub struct KernelBtf {
@@ -144,99 +140,21 @@ impl KernelBtf {
     pub const DEFAULT_PATH: &str = "/sys/kernel/btf/vmlinux";
 
     pub fn open(path: &Path) -> Result<Self, LayoutError> {
-        let btf = Btf::from_file(path).map_err(|e| LayoutError::Btf {
+        let btf = Btf::from_file(path).map_err(|reason| LayoutError::Btf {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })?;
         Ok(Self { btf })
     }
 
     /// `path` is a dotted member path inside `struct_name`, e.g. `__sk_common.skc_family`.
     pub fn member(&self, struct_name: &str, path: &str) -> Result<MemberInfo, LayoutError> {
-        let what = format!("{struct_name}.{path}");
-        let err = |reason: String| LayoutError::Member {
-            what: what.clone(),
-            reason,
-        };
-        let ty = self
-            .btf
-            .resolve_types_by_name(struct_name)
-            .map_err(|e| err(e.to_string()))?
-            .into_iter()
-            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
-            .ok_or_else(|| err(format!("no struct {struct_name}")))?;
-        let mut offset = 0;
-        let mut current = ty;
-        for name in path.split('.') {
-            let (off, ty) = self.find(&current, name).map_err(&err)?;
-            offset += off;
-            current = ty;
-        }
-        let size = self.size_of(&current).map_err(err)?;
-        Ok(MemberInfo { offset, size })
-    }
-
-    /// Finds `name` directly in `ty` or inside its anonymous members; (byte offset, type).
-    fn find(&self, ty: &Type, name: &str) -> Result<(u32, Type), String> {
-        let members = match ty {
-            Type::Struct(s) | Type::Union(s) => &s.members,
-            other => return Err(format!("{} is not a struct or union", other.name())),
-        };
-        for m in members {
-            let mname = self.btf.resolve_name(m).unwrap_or_default();
-            let mty = self.strip(
-                self.btf
-                    .resolve_chained_type(m)
-                    .map_err(|e| e.to_string())?,
-            )?;
-            if mname == name {
-                if m.bitfield_size().is_some_and(|b| b != 0) || m.bit_offset() % 8 != 0 {
-                    return Err(format!("{name} is a bitfield"));
-                }
-                return Ok((m.bit_offset() / 8, mty));
-            }
-            if mname.is_empty()
-                && matches!(mty, Type::Struct(_) | Type::Union(_))
-                && let Ok((off, t)) = self.find(&mty, name)
-            {
-                return Ok((m.bit_offset() / 8 + off, t));
-            }
-        }
-        Err(format!("no member {name}"))
-    }
-
-    /// Skips typedefs and qualifiers.
-    fn strip(&self, mut ty: Type) -> Result<Type, String> {
-        for _ in 0..32 {
-            ty = match &ty {
-                Type::Typedef(t) => self.btf.resolve_chained_type(t),
-                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
-                    self.btf.resolve_chained_type(t)
-                }
-                Type::TypeTag(t) => self.btf.resolve_chained_type(t),
-                _ => return Ok(ty),
-            }
-            .map_err(|e| e.to_string())?;
-        }
-        Err("type chain too long".into())
-    }
-
-    fn size_of(&self, ty: &Type) -> Result<usize, String> {
-        Ok(match ty {
-            Type::Int(i) => i.size(),
-            Type::Ptr(_) => 8,
-            Type::Struct(s) | Type::Union(s) => s.size(),
-            Type::Enum(e) => e.size(),
-            Type::Array(a) => {
-                let elem = self.strip(
-                    self.btf
-                        .resolve_chained_type(a)
-                        .map_err(|e| e.to_string())?,
-                )?;
-                a.len() * self.size_of(&elem)?
-            }
-            other => return Err(format!("unsized member type {}", other.name())),
-        })
+        self.btf
+            .member(struct_name, path)
+            .map_err(|reason| LayoutError::Member {
+                what: format!("{struct_name}.{path}"),
+                reason,
+            })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Loading the kernel programs, attaching them, and reading their events.
 
 pub mod blocked;
+pub mod btf;
 pub mod event;
 pub mod layout;
 pub mod probes;
