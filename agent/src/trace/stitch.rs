@@ -510,7 +510,12 @@ impl Stitcher {
             conn.own = true;
             self.stats.own_connections += 1;
             for p in conn.pending.drain(..) {
-                self.nodes.remove(&p.id);
+                if let Some(n) = self.nodes.remove(&p.id)
+                    && let Some(k) = n.peer_key
+                    && self.clients.get(&k) == Some(&p.id)
+                {
+                    self.clients.remove(&k);
+                }
             }
         }
     }
@@ -1510,6 +1515,32 @@ mod tests {
             assert_ne!(span.trace_id, [0; 16]);
             assert_ne!(span.parent_span_id, Some(span.span_id));
         }
+    }
+
+    /// A traced client's connection to a socket of this (test) process, first seen right
+    /// after the stitcher read its own sockets: not ours at first sight, ours once they are
+    /// read again. Its request in progress is dropped then and never becomes a span.
+    #[test]
+    fn a_connection_to_us_seen_right_after_a_read_of_our_sockets_is_settled_later() {
+        let mut w = Wire { ts: 0 };
+        let mut s = stitcher();
+        let mut out = Vec::new();
+        // Any connection that is not ours makes the stitcher read our sockets now.
+        s.event(&w.ev(1, 1, 1, 5000, 80, EventKind::Connect, b""), &mut out);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        s.event(
+            &w.ev(2, 2, 2, 5001, port, EventKind::Connect, b""),
+            &mut out,
+        );
+        s.event(&w.ev(2, 2, 2, 5001, port, OUT, REQ), &mut out);
+        assert_eq!(s.stats.own_connections, 0, "not known yet");
+        std::thread::sleep(Duration::from_millis(110));
+        s.event(&w.ev(2, 2, 2, 5001, port, IN, RESP), &mut out);
+        s.flush(&mut out);
+        assert_eq!(s.stats.own_connections, 1);
+        assert!(out.is_empty(), "{out:?}");
+        assert!(s.clients.is_empty() && s.nodes.is_empty());
     }
 
     #[test]
