@@ -76,3 +76,30 @@ pub fn count_lost(index: u32) {
 /// bytes of the head still to capture in full (see `MAX_HEAD_CAPTURE`).
 #[map(name = "HEADS")]
 pub static HEADS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// A TCP socket found behind a descriptor of a process, with what shows it is still the one
+/// there: the file and inode pointers and the inode number (`check` catches a value read
+/// while another CPU rewrote the entry).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KnownSock {
+    pub file: u64,
+    pub inode: u64,
+    pub sk: u64,
+    pub ino: u64,
+    pub family: u64,
+    pub check: u64,
+}
+
+impl KnownSock {
+    #[inline(always)]
+    pub fn sum(&self) -> u64 {
+        self.file ^ self.inode.rotate_left(13) ^ self.sk.rotate_left(29) ^ self.ino ^ self.family
+    }
+}
+
+/// (tgid << 32 | fd) -> the socket found there last. A hit still reads the descriptor's file
+/// and its inode number (3 reads instead of 9); a miss, or a descriptor now holding another
+/// file, walks again. 16,384 entries (about 1 MiB of kernel memory): a miss only costs the walk.
+#[map(name = "SOCKS")]
+pub static SOCKS: LruHashMap<u64, KnownSock> = LruHashMap::with_max_entries(16384, 0);

@@ -4,10 +4,16 @@
 //! from BTF; any field that cannot be read ends the walk with "not a TCP socket". The first
 //! steps are direct loads through the BTF-typed task pointer (the verifier knows the offsets:
 //! they come from the frozen, read-only `LAYOUT`); from the descriptor array on, the pointers
-//! are plain numbers to the verifier and are read with `bpf_probe_read_kernel`.
+//! are plain numbers to the verifier and are read with `bpf_probe_read_kernel`. A socket found
+//! is remembered per (process, descriptor) in `SOCKS`; the next call only checks that the
+//! descriptor still holds the same file with the same inode (pointer and number).
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task_btf};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_get_current_task_btf,
+};
 use wirespan_common::{EventHeader, KernelLayout, SockHead, SockHead6, family};
+
+use crate::maps::{KnownSock, SOCKS};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -91,7 +97,24 @@ pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
         if file.is_null() {
             return None;
         }
+        let key = (bpf_get_current_pid_tgid() >> 32) << 32 | (fd as u64 & 0xffff_ffff);
         let inode: *const u8 = read(file, layout.file_inode)?;
+        if let Some(known) = SOCKS.get(key).copied()
+            && known.check == known.sum()
+            && known.file == file as u64
+            && known.inode == inode as u64
+        {
+            // The same file on the descriptor, and its inode still the socket's: a file or
+            // inode freed and reused at the same address would carry a new inode number.
+            let ino: u64 = read(inode, layout.inode_ino)?;
+            if ino == known.ino {
+                return Some(TcpSock::known(
+                    known.sk as *const u8,
+                    known.ino,
+                    known.family as u16,
+                ));
+            }
+        }
         let mode: u16 = read(inode, layout.inode_mode)?;
         if mode & S_IFMT != S_IFSOCK {
             return None;
@@ -111,6 +134,16 @@ pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
             return None;
         }
         let ino: u64 = read(inode, layout.inode_ino)?;
+        let mut known = KnownSock {
+            file: file as u64,
+            inode: inode as u64,
+            sk: sk as u64,
+            ino,
+            family: head.family as u64,
+            check: 0,
+        };
+        known.check = known.sum();
+        let _ = SOCKS.insert(key, known, 0);
         Some(TcpSock {
             sk,
             ino,

@@ -402,3 +402,79 @@ fn kernel_diagnostics_reach_the_agent_log() {
         "no kernel diagnostic in the agent's log: {log:?}"
     );
 }
+
+/// The kernel programs remember which socket a process's descriptor held. A descriptor that
+/// `dup2` points at another connection (no close of that number is ever seen) must be reported
+/// as that other connection from its next call on, with its own id and endpoints.
+#[test]
+fn a_descriptor_replaced_by_dup2_reports_its_new_connection() {
+    require_privileges!();
+    let dir = TempDir::new("dup2").unwrap();
+    let port = free_port();
+    let _server = nginx(port, &dir.0).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let script = r#"
+import os, socket, sys
+port = int(sys.argv[1])
+a = socket.create_connection(("127.0.0.1", port))
+b = socket.create_connection(("127.0.0.1", port))
+fd = a.fileno()
+ports = (a.getsockname()[1], b.getsockname()[1])
+def get(path):
+    os.write(fd, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    while b"hello from nginx\n" not in data:
+        data += os.read(fd, 4096)
+get("/first")
+os.dup2(b.fileno(), fd)
+get("/second")
+print(os.getpid(), ports[0], ports[1])
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let f: Vec<u32> = text
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (pid, a_port, b_port) = (f[0], f[1] as u16, f[2] as u16);
+    let events = agent.stop().unwrap();
+    let sent = |path: &str| -> Vec<&Event> {
+        let line = format!("GET {path} HTTP/1.1");
+        events
+            .iter()
+            .filter(|e| e.pid == pid && e.kind == "egress")
+            .filter(|e| String::from_utf8_lossy(&e.data).contains(&line))
+            .collect()
+    };
+    let connect = |local: u16| -> u64 {
+        events
+            .iter()
+            .find(|e| e.pid == pid && e.kind == "connect" && e.local.port() == local)
+            .map(|e| e.conn_id)
+            .unwrap_or_else(|| panic!("no connect from port {local}"))
+    };
+    let (first, second) = (sent("/first"), sent("/second"));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(first[0].fd, second[0].fd, "the same descriptor number");
+    assert_eq!(first[0].local.port(), a_port);
+    assert_eq!(first[0].conn_id, connect(a_port));
+    assert_eq!(
+        second[0].local.port(),
+        b_port,
+        "the new connection's endpoints"
+    );
+    assert_eq!(
+        second[0].conn_id,
+        connect(b_port),
+        "the new connection's id"
+    );
+}
