@@ -159,7 +159,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         return 0;
     };
     let fd = arg(ctx, at.fd) as i64;
-    let Some(sock) = tcp_socket(&layout, fd) else {
+    let Some(sock) = tcp_socket(&layout, pid_tgid, fd) else {
         return 0;
     };
     let Some(waiting) = ring_room() else {
@@ -225,9 +225,9 @@ fn ret(ctx: &TracePointContext) -> i64 {
 /// still alive here. Records the agent seeded for threads blocked before attach carry no
 /// socket pointer: the descriptor is resolved now (it is still held by the same syscall).
 #[inline(always)]
-fn resolve(layout: &KernelLayout, inflight: &Inflight) -> Option<TcpSock> {
+fn resolve(layout: &KernelLayout, pid_tgid: u64, inflight: &Inflight) -> Option<TcpSock> {
     if inflight.sk == 0 {
-        tcp_socket(layout, inflight.fd as i64)
+        tcp_socket(layout, pid_tgid, inflight.fd as i64)
     } else {
         Some(inflight_sock(inflight))
     }
@@ -289,15 +289,12 @@ fn emit(
 
     // A socket in the middle of a large request head gets its calls captured whole.
     let head_key = sock.sk as u64 + dir as u64;
-    // Only a call longer than the prefix can need more of its bytes.
-    let looked = event_kind == kind::DATA && len > settings().capture_bytes as u64;
-    let budget: u64 = if looked {
+    // The socket's head record, looked up only for a call longer than the prefix (only such a
+    // call can need more of its bytes): Some(0) when there is none.
+    let stored: Option<u64> = (event_kind == kind::DATA && len > settings().capture_bytes as u64)
         // SAFETY: the value is copied out at once.
-        unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64
-    } else {
-        0
-    };
-    let had_head = budget > 0;
+        .then(|| unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64);
+    let budget = stored.unwrap_or(0);
     let limit = {
         let want = if budget > 0 {
             MAX_CAPTURE as u64
@@ -344,7 +341,7 @@ fn emit(
         let left = budget - total;
         if left > 0 && len >= settings().capture_bytes as u64 {
             let _ = HEADS.insert(head_key, left as u32, 0);
-        } else if budget > 0 && (had_head || !looked && heads_has(head_key)) {
+        } else if budget > 0 && stored.map_or_else(|| heads_has(head_key), |b| b > 0) {
             // A delete from the LRU takes its locks even for a missing key; most requests
             // never had a record here.
             let _ = HEADS.remove(head_key);
@@ -460,7 +457,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     if flags & MSG_PEEK != 0 {
         return 0;
     }
-    let Some(sock) = tcp_socket(&layout, fd) else {
+    let Some(sock) = tcp_socket(&layout, pid_tgid, fd) else {
         return 0;
     };
     let Some(waiting) = ring_room() else {
@@ -506,7 +503,7 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
     if len <= 0 {
         return 0;
     }
-    let Some(sock) = resolve(&layout, &inflight) else {
+    let Some(sock) = resolve(&layout, pid_tgid, &inflight) else {
         // Only records seeded by the agent get here (enter already checked its own).
         debug!(
             ctx,
@@ -599,7 +596,7 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
     if fd < 0 {
         return 0;
     }
-    if let Some(sock) = tcp_socket(&layout, fd) {
+    if let Some(sock) = tcp_socket(&layout, pid_tgid, fd) {
         emit(
             pid_tgid,
             fd as i32,
@@ -653,7 +650,7 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    if let Some(sock) = resolve(&layout, &inflight) {
+    if let Some(sock) = resolve(&layout, pid_tgid, &inflight) {
         emit(
             pid_tgid,
             inflight.fd,
@@ -676,7 +673,7 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let fd = arg(&ctx, 0) as i64;
-    if let Some(sock) = tcp_socket(&layout, fd) {
+    if let Some(sock) = tcp_socket(&layout, pid_tgid, fd) {
         emit(
             pid_tgid,
             fd as i32,

@@ -8,9 +8,7 @@
 //! is remembered per (process, descriptor) in `SOCKS`; the next call only checks that the
 //! descriptor still holds the same file with the same inode (pointer and number).
 
-use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_get_current_task_btf,
-};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task_btf};
 use wirespan_common::{EventHeader, KernelLayout, SockHead, SockHead6, family};
 
 use crate::maps::{KnownSock, SOCKS};
@@ -29,9 +27,8 @@ pub struct TcpSock {
     /// The socket inode's number: the connection id.
     pub ino: u64,
     pub family: u16,
-    /// The addresses and ports, when the walk already copied them (`head_read`).
-    pub head: SockHead,
-    pub head_read: bool,
+    /// The addresses and ports, when the walk already copied them.
+    pub head: Option<SockHead>,
 }
 
 impl TcpSock {
@@ -43,8 +40,7 @@ impl TcpSock {
             sk,
             ino,
             family,
-            head: SockHead::default(),
-            head_read: false,
+            head: None,
         }
     }
 }
@@ -65,9 +61,9 @@ unsafe fn load<T: Copy>(base: *const u8, offset: u32) -> T {
     unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) }
 }
 
-/// The TCP socket open on `fd` in the current task, if it is one.
+/// The TCP socket open on `fd` in the current task (`pid_tgid`), if it is one.
 #[inline(always)]
-pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
+pub fn tcp_socket(layout: &KernelLayout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
     if fd < 0 {
         return None;
     }
@@ -97,7 +93,7 @@ pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
         if file.is_null() {
             return None;
         }
-        let key = (bpf_get_current_pid_tgid() >> 32) << 32 | (fd as u64 & 0xffff_ffff);
+        let key = (pid_tgid >> 32) << 32 | (fd as u64 & 0xffff_ffff);
         let inode: *const u8 = read(file, layout.file_inode)?;
         if let Some(known) = SOCKS.get(key).copied()
             && known.check == known.sum()
@@ -148,8 +144,7 @@ pub fn tcp_socket(layout: &KernelLayout, fd: i64) -> Option<TcpSock> {
             sk,
             ino,
             family: head.family,
-            head,
-            head_read: true,
+            head: Some(head),
         })
     }
 }
@@ -161,11 +156,9 @@ pub fn fill_endpoints(layout: &KernelLayout, sock: &TcpSock, header: &mut EventH
     header.family = sock.family;
     // SAFETY: reads go through bpf_probe_read_kernel (see `read`); a failed read leaves zeros.
     unsafe {
-        let head = if sock.head_read {
-            sock.head
-        } else {
-            read(sock.sk, layout.sk_daddr).unwrap_or_default()
-        };
+        let head = sock
+            .head
+            .unwrap_or_else(|| read(sock.sk, layout.sk_daddr).unwrap_or_default());
         header.remote_port = u16::from_be(head.dport);
         header.local_port = head.num;
         if header.local_port == 0 {

@@ -77,10 +77,6 @@ impl Btf {
             data.get(at..at + 2)
                 .map(|b| u16::from_ne_bytes([b[0], b[1]]))
         };
-        let u32_at = |at: usize| {
-            data.get(at..at + 4)
-                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        };
         match u16_at(0) {
             Some(MAGIC) => {}
             Some(m) if m == MAGIC.swap_bytes() => {
@@ -88,7 +84,11 @@ impl Btf {
             }
             _ => return Err("not BTF (bad magic)".into()),
         }
-        let field = |at: usize| u32_at(at).map(|v| v as usize).ok_or("truncated header");
+        let field = |at: usize| {
+            ne_u32(&data, at)
+                .map(|v| v as usize)
+                .ok_or("truncated header")
+        };
         let hdr_len = field(4)?;
         if hdr_len < HEADER_LEN {
             return Err(format!("header of {hdr_len} bytes"));
@@ -119,10 +119,7 @@ impl Btf {
     }
 
     fn u32_at(&self, at: usize) -> Result<u32, String> {
-        self.data
-            .get(at..at + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| "truncated type record".into())
+        ne_u32(&self.data, at).ok_or_else(|| "truncated type record".into())
     }
 
     fn rec_at(&self, at: usize) -> Result<Rec, String> {
@@ -242,6 +239,12 @@ impl Btf {
             size: self.size_of(current)?,
         })
     }
+}
+
+/// The native-endian u32 at `at`, if the bytes are there.
+fn ne_u32(data: &[u8], at: usize) -> Option<u32> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Bytes of a record's kind-specific data.

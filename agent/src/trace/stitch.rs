@@ -510,12 +510,7 @@ impl Stitcher {
             conn.own = true;
             self.stats.own_connections += 1;
             for p in conn.pending.drain(..) {
-                if let Some(n) = self.nodes.remove(&p.id)
-                    && let Some(k) = n.peer_key
-                    && self.clients.get(&k) == Some(&p.id)
-                {
-                    self.clients.remove(&k);
-                }
+                self.forget_node(p.id);
             }
         }
     }
@@ -1164,7 +1159,7 @@ impl Stitcher {
             // Requests that waited this long for a response are given up (counted).
             if let Some(c) = self.conns.remove(&id) {
                 for p in c.pending {
-                    self.nodes.remove(&p.id);
+                    self.forget_node(p.id);
                     self.stats.pending_dropped += 1;
                 }
             }
@@ -1209,22 +1204,23 @@ impl Stitcher {
             if !old && self.finished.len() <= MAX_FINISHED {
                 break;
             }
-            let Some(n) = self.nodes.remove(&id) else {
-                self.finished.pop_front();
-                continue;
-            };
-            if n.deferred {
+            if self.nodes.get(&id).is_some_and(|n| n.deferred) {
                 // Emitted within PEER_WAIT; forget it on a later tick.
-                self.nodes.insert(id, n);
                 break;
             }
             self.finished.pop_front();
-            if let Some(k) = n.peer_key
-                && let Entry::Occupied(e) = self.clients.entry(k)
-                && *e.get() == id
-            {
-                e.remove();
-            }
+            self.forget_node(id);
+        }
+    }
+
+    /// Removes a span's node, and its client index entry if that still names this span.
+    fn forget_node(&mut self, id: SpanId) {
+        if let Some(n) = self.nodes.remove(&id)
+            && let Some(k) = n.peer_key
+            && let Entry::Occupied(e) = self.clients.entry(k)
+            && *e.get() == id
+        {
+            e.remove();
         }
     }
 
