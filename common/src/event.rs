@@ -113,6 +113,9 @@ pub struct EventHeader {
 }
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 112);
 const _: () = assert!(core::mem::align_of::<EventHeader>() == 8);
+// The programs write the addresses as words (see `SockHead`).
+const _: () = assert!(core::mem::offset_of!(EventHeader, local_addr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(EventHeader, remote_addr) % 8 == 0);
 
 impl EventHeader {
     pub const fn zeroed() -> Self {
@@ -152,6 +155,8 @@ pub struct EventBuf {
 const _: () = assert!(
     core::mem::size_of::<EventBuf>() == core::mem::size_of::<EventHeader>() + 2 * MAX_CAPTURE
 );
+// The programs read the payload's first word as one (see `starts_like_request`).
+const _: () = assert!(core::mem::offset_of!(EventBuf, data) % 8 == 0);
 
 /// A syscall between its enter and exit tracepoints, keyed by pid_tgid (one per thread).
 ///

@@ -79,15 +79,18 @@ pub const TP_ARGS: u32 = 16;
 pub const TP_RET: u32 = 16;
 
 /// The start of `struct sock_common`, from `skc_daddr` on, as the programs copy it in one read:
-/// IPv4 addresses (network order), ports (the remote one in network order) and the family.
-/// The agent checks the relative offsets against the kernel's BTF before loading.
-#[repr(C)]
+/// IPv4 addresses, ports (the remote one in network order) and the family. The agent checks
+/// the relative offsets against the kernel's BTF before loading.
+///
+/// The addresses are the kernel's network-order bytes held in words, so that the programs
+/// move them with word loads and stores (byte arrays compile to a load and a store per byte).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockHead {
-    /// `skc_daddr`
-    pub daddr: [u8; 4],
-    /// `skc_rcv_saddr`
-    pub rcv_saddr: [u8; 4],
+    /// `skc_daddr` (its bytes as they are in memory)
+    pub daddr: u32,
+    /// `skc_rcv_saddr` (its bytes as they are in memory)
+    pub rcv_saddr: u32,
     /// `skc_hash`
     pub hash: u32,
     /// `skc_dport`
@@ -97,17 +100,19 @@ pub struct SockHead {
     /// `skc_family`
     pub family: u16,
     /// `skc_state` and what follows it, unused.
-    pub rest: [u8; 6],
+    pub rest: [u16; 3],
 }
 const _: () = assert!(core::mem::size_of::<SockHead>() == 24);
 
-/// `skc_v6_daddr` and `skc_v6_rcv_saddr`, adjacent in `struct sock_common`.
+/// `skc_v6_daddr` and `skc_v6_rcv_saddr`, adjacent in `struct sock_common`: their bytes as
+/// they are in memory, held in words (see `SockHead`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockHead6 {
-    pub daddr: [u8; 16],
-    pub rcv_saddr: [u8; 16],
+    pub daddr: [u64; 2],
+    pub rcv_saddr: [u64; 2],
 }
+const _: () = assert!(core::mem::size_of::<SockHead6>() == 32);
 
 /// Where the kernel keeps a syscall's first four arguments in the thread's saved user
 /// registers (`struct pt_regs`): the member that holds each and the argument's byte offset. A

@@ -47,20 +47,64 @@ pub fn inflight_sock(inflight: &Inflight) -> TcpSock {
 #[map(name = "INFLIGHT")]
 pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(65536, 0);
 
-/// Reads a global the agent wrote at load time.
+/// Reads one field of a global the agent wrote at load time.
 ///
-/// The volatile read keeps the compiler from folding the zeroed initial value into the code:
-/// the real value only exists in the loaded map.
+/// The volatile read keeps the compiler from folding the zeroed initial value into the code
+/// (the real value only exists in the loaded map), and reading one field where it is used, not
+/// the whole struct up front, keeps the others out of registers and off the stack.
+macro_rules! fields {
+    ($handle:ident, $global:ident, $($field:ident),+ $(,)?) => {
+        impl $handle {
+            $(
+                #[inline(always)]
+                pub fn $field(self) -> u32 {
+                    // SAFETY: the global is a valid, aligned static; volatile only forbids
+                    // constant folding.
+                    unsafe { core::ptr::read_volatile(&raw const $global.$field) }
+                }
+            )+
+        }
+    };
+}
+
+/// The `LAYOUT` global, read a field at a time.
+#[derive(Clone, Copy)]
+pub struct Layout;
+
+fields!(
+    Layout,
+    LAYOUT,
+    valid,
+    task_files,
+    files_fdt,
+    fdt_max_fds,
+    fdt_fd,
+    file_inode,
+    file_private_data,
+    inode_mode,
+    inode_ino,
+    socket_type,
+    socket_sk,
+    sk_protocol,
+    sk_daddr,
+    sk_v6_daddr,
+    inet_sport,
+);
+
+/// The `SETTINGS` global, read a field at a time.
+#[derive(Clone, Copy)]
+pub struct Config;
+
+fields!(Config, SETTINGS, capture_bytes, filter_mode, ring_bytes);
+
 #[inline(always)]
-pub fn layout() -> KernelLayout {
-    // SAFETY: LAYOUT is a valid, aligned static; volatile only forbids constant folding.
-    unsafe { core::ptr::read_volatile(&LAYOUT) }
+pub fn layout() -> Layout {
+    Layout
 }
 
 #[inline(always)]
-pub fn settings() -> Settings {
-    // SAFETY: as for `layout`.
-    unsafe { core::ptr::read_volatile(&SETTINGS) }
+pub fn settings() -> Config {
+    Config
 }
 
 #[inline(always)]

@@ -18,13 +18,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use wirespan_common::{
-    EventHeader, Inflight, KernelLayout, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, SYSCALL_ARG_REGS,
-    TP_ARGS, TP_RET, direction, kind, lost, pid_filter, syscall,
+    EventHeader, Inflight, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, SYSCALL_ARG_REGS, TP_ARGS,
+    TP_RET, direction, kind, lost, pid_filter, syscall,
 };
 
 use crate::{
     maps::{
-        EVENTS, HEADS, INFLIGHT, PID_FILTER, SCRATCH, count_lost, inflight_sock, layout, settings,
+        EVENTS, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock, layout,
+        settings,
     },
     payload,
     sock::{TcpSock, fill_endpoints, tcp_socket},
@@ -79,7 +80,7 @@ fn traced(tgid: u32) -> bool {
     match unsafe { PID_FILTER.get(tgid) } {
         Some(&pid_filter::IGNORE) => false,
         Some(&pid_filter::TRACE) => true,
-        _ => settings().filter_mode == pid_filter::ALL_EXCEPT_IGNORED,
+        _ => settings().filter_mode() == pid_filter::ALL_EXCEPT_IGNORED,
     }
 }
 
@@ -113,7 +114,7 @@ fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
     if event_kind == kind::CONNECT {
         return BPF_RB_FORCE_WAKEUP;
     }
-    let step = (settings().ring_bytes >> WAKEUP_SHIFT) as u64;
+    let step = (settings().ring_bytes() >> WAKEUP_SHIFT) as u64;
     let waiting = match waiting {
         Some(waiting) => waiting,
         None => EVENTS.query(BPF_RB_AVAIL_DATA),
@@ -132,7 +133,7 @@ fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
 #[inline(always)]
 fn ring_room() -> Option<u64> {
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let room = (settings().ring_bytes as u64).saturating_sub(waiting);
+    let room = (settings().ring_bytes() as u64).saturating_sub(waiting);
     if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + RECORD_HEADER {
         return Some(waiting);
     }
@@ -143,9 +144,9 @@ fn ring_room() -> Option<u64> {
 /// The kernel layout and the caller's pid_tgid, if the programs are live and the caller's
 /// process is traced.
 #[inline(always)]
-fn traced_caller() -> Option<(KernelLayout, u64)> {
+fn traced_caller() -> Option<(Layout, u64)> {
     let layout = layout();
-    if layout.valid == 0 {
+    if layout.valid() == 0 {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -159,7 +160,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         return 0;
     };
     let fd = arg(ctx, at.fd) as i64;
-    let Some(sock) = tcp_socket(&layout, pid_tgid, fd) else {
+    let Some(sock) = tcp_socket(layout, pid_tgid, fd) else {
         return 0;
     };
     let Some(waiting) = ring_room() else {
@@ -197,7 +198,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
 /// taken (`syscall::NONE`) in place either way.
 #[inline(always)]
 fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
-    if layout().valid == 0 {
+    if layout().valid() == 0 {
         return None;
     }
     let slot = INFLIGHT.get_ptr_mut(pid_tgid)?;
@@ -225,7 +226,7 @@ fn ret(ctx: &TracePointContext) -> i64 {
 /// still alive here. Records the agent seeded for threads blocked before attach carry no
 /// socket pointer: the descriptor is resolved now (it is still held by the same syscall).
 #[inline(always)]
-fn resolve(layout: &KernelLayout, pid_tgid: u64, inflight: &Inflight) -> Option<TcpSock> {
+fn resolve(layout: Layout, pid_tgid: u64, inflight: &Inflight) -> Option<TcpSock> {
     if inflight.sk == 0 {
         tcp_socket(layout, pid_tgid, inflight.fd as i64)
     } else {
@@ -249,7 +250,7 @@ fn emit(
     pid_tgid: u64,
     fd: i32,
     sock: &TcpSock,
-    layout: &KernelLayout,
+    layout: Layout,
     ev: (u32, u32, u32),
     len: u64,
     payload: Payload,
@@ -291,7 +292,7 @@ fn emit(
     let head_key = sock.sk as u64 + dir as u64;
     // The socket's head record, looked up only for a call longer than the prefix (only such a
     // call can need more of its bytes): Some(0) when there is none.
-    let stored: Option<u64> = (event_kind == kind::DATA && len > settings().capture_bytes as u64)
+    let stored: Option<u64> = (event_kind == kind::DATA && len > settings().capture_bytes() as u64)
         // SAFETY: the value is copied out at once.
         .then(|| unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64);
     let budget = stored.unwrap_or(0);
@@ -299,7 +300,7 @@ fn emit(
         let want = if budget > 0 {
             MAX_CAPTURE as u64
         } else {
-            settings().capture_bytes as u64
+            settings().capture_bytes() as u64
         };
         if want < len { want } else { len }
     };
@@ -339,7 +340,7 @@ fn emit(
         // Later calls on this socket continue the head while the budget lasts, unless this
         // call was short (a whole small head).
         let left = budget - total;
-        if left > 0 && len >= settings().capture_bytes as u64 {
+        if left > 0 && len >= settings().capture_bytes() as u64 {
             let _ = HEADS.insert(head_key, left as u32, 0);
         } else if budget > 0 && stored.map_or_else(|| heads_has(head_key), |b| b > 0) {
             // A delete from the LRU takes its locks even for a missing key; most requests
@@ -403,17 +404,25 @@ fn heads_has(key: u64) -> bool {
     unsafe { HEADS.get(key) }.is_some()
 }
 
-/// Whether a call's first bytes are an HTTP method and a space.
+/// Whether a call's first bytes are an HTTP method and a space (or the start of a longer
+/// method). The first four bytes are compared as one word: the payload is 8-aligned, at the end
+/// of the header.
 #[inline(always)]
-fn starts_like_request(data: &[u8]) -> bool {
-    if data.len() < 8 {
-        return false;
+fn starts_like_request(data: &[u8; 2 * MAX_CAPTURE]) -> bool {
+    const fn word(w: &[u8; 4]) -> u32 {
+        u32::from_ne_bytes(*w)
     }
-    let w = [data[0], data[1], data[2], data[3]];
-    matches!(
-        &w,
-        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI"
-    )
+    const GET: u32 = word(b"GET ");
+    const POST: u32 = word(b"POST");
+    const PUT: u32 = word(b"PUT ");
+    const HEAD: u32 = word(b"HEAD");
+    const DELETE: u32 = word(b"DELE");
+    const PATCH: u32 = word(b"PATC");
+    const OPTIONS: u32 = word(b"OPTI");
+    // SAFETY: the payload follows the 112-byte header of an 8-aligned buffer (asserted in
+    // wirespan_common), so its start is aligned for a word, and it is longer than one.
+    let w = unsafe { (data.as_ptr() as *const u32).read() };
+    matches!(w, GET | POST | PUT | HEAD | DELETE | PATCH | OPTIONS)
 }
 
 /// The current syscall's arguments `at`, read at its exit from the saved user registers (see
@@ -457,7 +466,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     if flags & MSG_PEEK != 0 {
         return 0;
     }
-    let Some(sock) = tcp_socket(&layout, pid_tgid, fd) else {
+    let Some(sock) = tcp_socket(layout, pid_tgid, fd) else {
         return 0;
     };
     let Some(waiting) = ring_room() else {
@@ -472,7 +481,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         pid_tgid,
         fd as i32,
         &sock,
-        &layout,
+        layout,
         (kind::DATA, id, direction::INGRESS),
         len as u64,
         payload,
@@ -503,7 +512,7 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
     if len <= 0 {
         return 0;
     }
-    let Some(sock) = resolve(&layout, pid_tgid, &inflight) else {
+    let Some(sock) = resolve(layout, pid_tgid, &inflight) else {
         // Only records seeded by the agent get here (enter already checked its own).
         debug!(
             ctx,
@@ -523,7 +532,7 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
         pid_tgid,
         inflight.fd,
         &sock,
-        &layout,
+        layout,
         (kind::DATA, id, direction::EGRESS),
         len as u64,
         payload,
@@ -596,12 +605,12 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
     if fd < 0 {
         return 0;
     }
-    if let Some(sock) = tcp_socket(&layout, pid_tgid, fd) {
+    if let Some(sock) = tcp_socket(layout, pid_tgid, fd) {
         emit(
             pid_tgid,
             fd as i32,
             &sock,
-            &layout,
+            layout,
             (kind::ACCEPT, id, direction::NONE),
             0,
             Payload::None,
@@ -650,12 +659,12 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    if let Some(sock) = resolve(&layout, pid_tgid, &inflight) {
+    if let Some(sock) = resolve(layout, pid_tgid, &inflight) {
         emit(
             pid_tgid,
             inflight.fd,
             &sock,
-            &layout,
+            layout,
             (kind::CONNECT, syscall::CONNECT, direction::NONE),
             0,
             Payload::None,
@@ -673,12 +682,12 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let fd = arg(&ctx, 0) as i64;
-    if let Some(sock) = tcp_socket(&layout, pid_tgid, fd) {
+    if let Some(sock) = tcp_socket(layout, pid_tgid, fd) {
         emit(
             pid_tgid,
             fd as i32,
             &sock,
-            &layout,
+            layout,
             (kind::CLOSE, syscall::CLOSE, direction::NONE),
             0,
             Payload::None,

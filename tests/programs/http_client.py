@@ -39,7 +39,7 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--path", default="/hello")
     p.add_argument("--requests", type=int, default=1)
-    p.add_argument("--mode", choices=["sendall", "writev"], default="sendall")
+    p.add_argument("--mode", choices=["sendall", "writev", "writev1"], default="sendall")
     p.add_argument("--pause-after", type=int, default=0,
                    help="after this many requests, wait for a line on stdin")
     a = p.parse_args()
@@ -58,8 +58,10 @@ def main():
                  f"Host: {a.host}:{a.port}\r\n".encode(),
                  b"User-Agent: wirespan-test-client\r\n",
                  b"\r\n"]
-        if a.mode == "writev":
-            n = os.writev(sock.fileno(), parts)
+        if a.mode in ("writev", "writev1"):
+            # writev1: the whole request in one iovec entry.
+            iov = parts if a.mode == "writev" else [b"".join(parts)]
+            n = os.writev(sock.fileno(), iov)
             assert n == sum(map(len, parts)), n
         else:
             sock.sendall(b"".join(parts))
