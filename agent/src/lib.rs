@@ -27,6 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 unsafe extern "C" {
     // mimalloc's (the agent's allocator, linked by the binary).
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    fn mi_collect(force: bool);
     #[cfg(test)]
     fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
 }
@@ -34,13 +35,41 @@ unsafe extern "C" {
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (the same index in v2 and v3).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// Memory the allocator frees goes back to the system at once instead of after a delay that
-/// only runs out on a later allocation: without this an idle agent kept the ~40 MiB that
-/// loading the programs took (BTF) for as long as it ran, and what a burst took after it. No
-/// slower at saturation (docs/BENCHMARKS.md).
-pub fn return_freed_memory_at_once() {
+/// How long memory the allocator freed stays mapped before it goes back to the system.
+///
+/// Returned at once (0), memory freed at saturation was faulted in again moments later: a
+/// tenth of the agent's CPU went to page faults, zeroing pages and the TLB flushes of giving
+/// them back (docs/BENCHMARKS.md). The delay only runs out on a later allocation, so an idle
+/// agent would keep what a burst took: [`return_idle_memory`] is called on the agent's tick.
+pub const PURGE_DELAY_MS: i64 = 1000;
+
+/// Sets the allocator's options; call first in `main`.
+pub fn configure_allocator() {
     // SAFETY: mi_option_set has no preconditions; the option index is checked by a test.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as std::ffi::c_long) };
+}
+
+/// Gives back to the system the memory freed more than [`PURGE_DELAY_MS`] ago (process wide),
+/// and this thread's free lists.
+pub fn return_idle_memory() {
+    // SAFETY: mi_collect has no preconditions; without `force` it purges only what is due.
+    unsafe { mi_collect(false) };
+}
+
+/// [`return_idle_memory`] if this thread has not called it for a second: for the agent's
+/// tick and the runtime's idle workers (each thread's free lists are its own to collect).
+pub fn return_idle_memory_if_due() {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = std::time::Instant::now();
+    let due = LAST
+        .get()
+        .is_none_or(|last| now.duration_since(last) >= std::time::Duration::from_secs(1));
+    if due {
+        LAST.set(Some(now));
+        return_idle_memory();
+    }
 }
 
 #[cfg(test)]

@@ -319,7 +319,7 @@ fn load_config(file: Option<&std::path::Path>, overrides: &Overrides) -> Config 
 }
 
 fn main() -> anyhow::Result<()> {
-    wirespan::return_freed_memory_at_once();
+    wirespan::configure_allocator();
     let cli = Cli::parse();
     let (mode, args) = match cli.command {
         Some(Command::Capture(args)) => {
@@ -346,10 +346,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Two threads: reading the kernel's events never waits for an export to be encoded and
-/// sent, nor the other way round.
+/// sent, nor the other way round. A worker going idle gives back what its allocations freed
+/// (the event loop does on its tick).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_park(wirespan::return_idle_memory_if_due)
         .enable_all()
         .build()
         .context("starting the async runtime")
@@ -636,6 +638,7 @@ impl<W: Write> Tracer<W> {
         self.hand_out();
         self.publish();
         self.maybe_print_stats();
+        wirespan::return_idle_memory_if_due();
     }
 
     /// Copies the counters to the metrics endpoint's atomics.
