@@ -70,36 +70,12 @@ pub fn copy_iov(data: *mut u8, iov: u64, iovcnt: u64, limit: u64) -> Option<u32>
     } else {
         limit
     };
-    if iovcnt == 0 {
-        return Some(0);
-    }
-    // The first two entries in one read: most calls have one or two (a head and a body).
-    // SAFETY: user memory, read by a helper that tolerates bad addresses; the second entry is
-    // only read when the array has it.
-    let first: [Iovec; 2] = unsafe {
-        if iovcnt >= 2 {
-            bpf_probe_read_user(iov as *const [Iovec; 2]).ok()?
-        } else {
-            [
-                bpf_probe_read_user(iov as *const Iovec).ok()?,
-                Iovec { base: 0, len: 0 },
-            ]
-        }
-    };
     let mut done: u64 = 0;
-    for entry in first {
-        let room = limit - done;
-        let n = if entry.len < room { entry.len } else { room };
-        if !copy(data, done, entry.base, n) {
-            return None;
-        }
-        done += n;
-    }
-    for i in 2..MAX_IOV as u64 {
+    for i in 0..MAX_IOV as u64 {
         if i >= iovcnt || done >= limit {
             break;
         }
-        // SAFETY: as above.
+        // SAFETY: user memory, read by a helper that tolerates bad addresses.
         let entry: Iovec =
             unsafe { bpf_probe_read_user((iov as *const Iovec).add(i as usize)) }.ok()?;
         let room = limit - done;

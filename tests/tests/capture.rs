@@ -87,8 +87,7 @@ fn writev_request_is_captured_whole() {
     writev_is_captured_whole("writev");
 }
 
-/// The kernel reads the first two iovec entries in one copy: a call with one entry has no
-/// second to read.
+/// A writev of a single entry (the whole request in one buffer).
 #[test]
 fn writev_of_one_buffer_is_captured_whole() {
     writev_is_captured_whole("writev1");
