@@ -53,6 +53,17 @@ pub struct BenchArgs {
     /// Where the JSON results go (default target/bench.json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run one of the two comparisons only.
+    #[arg(long, value_enum)]
+    only: Option<Scenario>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// nginx at saturation.
+    Nginx,
+    /// The realistic service at a fixed rate.
+    Service,
 }
 
 /// The counting OTLP receiver.
@@ -711,8 +722,14 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         if let Some(secs) = args.soak {
             return Ok(json!({ "machine": machine(), "soak": soak(root, secs, &mut sink)? }));
         }
-        let nginx = nginx_scenario(root, args, &mut sink)?;
-        let service = service_scenario(root, args, &mut sink)?;
+        let nginx = match args.only {
+            Some(Scenario::Service) => Value::Null,
+            _ => nginx_scenario(root, args, &mut sink)?,
+        };
+        let service = match args.only {
+            Some(Scenario::Nginx) => Value::Null,
+            _ => service_scenario(root, args, &mut sink)?,
+        };
         Ok(json!({
             "machine": machine(),
             "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -752,40 +769,45 @@ fn print_table(r: &Value) {
         return;
     }
     let n = &r["nginx"];
-    println!(
-        "nginx at saturation (wrk -t2 -c64), medians of {} rounds:",
-        r["rounds"]
-    );
-    println!("  mode        req/s      ratio   p50 us   p99 us");
-    for mode in ["baseline", "floor", "wirespan"] {
-        let m = &n[mode];
+    if !n.is_null() {
         println!(
-            "  {mode:<9} {:>9.0}  {:>7.3}  {:>7.0}  {:>7.0}",
-            f(&m["rps"]),
-            f(&m["rps_ratio"]),
-            f(&m["p50_us"]),
-            f(&m["p99_us"])
+            "nginx at saturation (wrk -t2 -c64), medians of {} rounds:",
+            r["rounds"]
+        );
+        println!("  mode        req/s      ratio   p50 us   p99 us");
+        for mode in ["baseline", "floor", "wirespan"] {
+            let m = &n[mode];
+            println!(
+                "  {mode:<9} {:>9.0}  {:>7.3}  {:>7.0}  {:>7.0}",
+                f(&m["rps"]),
+                f(&m["rps_ratio"]),
+                f(&m["p50_us"]),
+                f(&m["p99_us"])
+            );
+        }
+        let w = &n["wirespan"];
+        println!(
+            "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
+            f(&w["bpf_ns_per_request"]),
+            f(&n["floor"]["bpf_ns_per_request"]),
+            f(&w["agent_cpu_ns_per_span"]),
+            f(&w["rss_kib"]) / 1024.0,
+            f(&w["peak_rss_kib"]) / 1024.0,
+            f(&w["spans_per_request"]),
+            f(&w["spans_dropped"]),
+            f(&w["agent_wakeups_per_1k_requests"]),
+        );
+        println!(
+            "  CPU during a wirespan run of {} s: agent {:.2} s, OTLP receiver {:.2} s (the receiver shares the cores)",
+            r["seconds"],
+            f(&w["agent_cpu_s"]),
+            f(&w["sink_cpu_s"]),
         );
     }
-    let w = &n["wirespan"];
-    println!(
-        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
-        f(&w["bpf_ns_per_request"]),
-        f(&n["floor"]["bpf_ns_per_request"]),
-        f(&w["agent_cpu_ns_per_span"]),
-        f(&w["rss_kib"]) / 1024.0,
-        f(&w["peak_rss_kib"]) / 1024.0,
-        f(&w["spans_per_request"]),
-        f(&w["spans_dropped"]),
-        f(&w["agent_wakeups_per_1k_requests"]),
-    );
-    println!(
-        "  CPU during a wirespan run of {} s: agent {:.2} s, OTLP receiver {:.2} s (the receiver shares the cores)",
-        r["seconds"],
-        f(&w["agent_cpu_s"]),
-        f(&w["sink_cpu_s"]),
-    );
     let s = &r["service"];
+    if s.is_null() {
+        return;
+    }
     println!(
         "realistic service (Flask, {} ms work + one call to Go) at {} req/s:",
         s["work_ms"], s["rate"]
