@@ -40,7 +40,8 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 /// Returned at once (0), memory freed at saturation was faulted in again moments later: a
 /// tenth of the agent's CPU went to page faults, zeroing pages and the TLB flushes of giving
 /// them back (docs/BENCHMARKS.md). The delay only runs out on a later allocation, so an idle
-/// agent would keep what a burst took: [`return_idle_memory`] is called on the agent's tick.
+/// agent would keep what a burst took: each thread calls [`return_idle_memory_if_due`] (the
+/// event loop on its tick, the runtime's workers when they park).
 pub const PURGE_DELAY_MS: i64 = 1000;
 
 /// Sets the allocator's options; call first in `main`.
