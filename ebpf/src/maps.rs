@@ -67,7 +67,7 @@ macro_rules! fields {
     };
 }
 
-/// The `LAYOUT` global, read a field at a time.
+/// The `LAYOUT` global, read a field at a time (`Layout.task_files()`).
 #[derive(Clone, Copy)]
 pub struct Layout;
 
@@ -91,21 +91,11 @@ fields!(
     inet_sport,
 );
 
-/// The `SETTINGS` global, read a field at a time.
+/// The `SETTINGS` global, read a field at a time (`Config.capture_bytes()`).
 #[derive(Clone, Copy)]
 pub struct Config;
 
 fields!(Config, SETTINGS, capture_bytes, filter_mode, ring_bytes);
-
-#[inline(always)]
-pub fn layout() -> Layout {
-    Layout
-}
-
-#[inline(always)]
-pub fn settings() -> Config {
-    Config
-}
 
 #[inline(always)]
 pub fn count_lost(index: u32) {

@@ -24,8 +24,7 @@ use wirespan_common::{
 
 use crate::{
     maps::{
-        EVENTS, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock, layout,
-        settings,
+        Config, EVENTS, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock,
     },
     payload,
     sock::{TcpSock, fill_endpoints, tcp_socket},
@@ -80,7 +79,7 @@ fn traced(tgid: u32) -> bool {
     match unsafe { PID_FILTER.get(tgid) } {
         Some(&pid_filter::IGNORE) => false,
         Some(&pid_filter::TRACE) => true,
-        _ => settings().filter_mode() == pid_filter::ALL_EXCEPT_IGNORED,
+        _ => Config.filter_mode() == pid_filter::ALL_EXCEPT_IGNORED,
     }
 }
 
@@ -114,7 +113,7 @@ fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
     if event_kind == kind::CONNECT {
         return BPF_RB_FORCE_WAKEUP;
     }
-    let step = (settings().ring_bytes() >> WAKEUP_SHIFT) as u64;
+    let step = (Config.ring_bytes() >> WAKEUP_SHIFT) as u64;
     let waiting = match waiting {
         Some(waiting) => waiting,
         None => EVENTS.query(BPF_RB_AVAIL_DATA),
@@ -133,7 +132,7 @@ fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
 #[inline(always)]
 fn ring_room() -> Option<u64> {
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let room = (settings().ring_bytes() as u64).saturating_sub(waiting);
+    let room = (Config.ring_bytes() as u64).saturating_sub(waiting);
     if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + RECORD_HEADER {
         return Some(waiting);
     }
@@ -141,26 +140,24 @@ fn ring_room() -> Option<u64> {
     None
 }
 
-/// The kernel layout and the caller's pid_tgid, if the programs are live and the caller's
-/// process is traced.
+/// The caller's pid_tgid, if the programs are live and the caller's process is traced.
 #[inline(always)]
-fn traced_caller() -> Option<(Layout, u64)> {
-    let layout = layout();
-    if layout.valid() == 0 {
+fn traced_caller() -> Option<u64> {
+    if Layout.valid() == 0 {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    traced((pid_tgid >> 32) as u32).then_some((layout, pid_tgid))
+    traced((pid_tgid >> 32) as u32).then_some(pid_tgid)
 }
 
 /// Records a syscall on a TCP socket of a traced process until its exit.
 #[inline(always)]
 fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
-    let Some((layout, pid_tgid)) = traced_caller() else {
+    let Some(pid_tgid) = traced_caller() else {
         return 0;
     };
     let fd = arg(ctx, at.fd) as i64;
-    let Some(sock) = tcp_socket(layout, pid_tgid, fd) else {
+    let Some(sock) = tcp_socket(pid_tgid, fd) else {
         return 0;
     };
     let Some(waiting) = ring_room() else {
@@ -198,7 +195,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
 /// taken (`syscall::NONE`) in place either way.
 #[inline(always)]
 fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
-    if layout().valid() == 0 {
+    if Layout.valid() == 0 {
         return None;
     }
     let slot = INFLIGHT.get_ptr_mut(pid_tgid)?;
@@ -226,9 +223,9 @@ fn ret(ctx: &TracePointContext) -> i64 {
 /// still alive here. Records the agent seeded for threads blocked before attach carry no
 /// socket pointer: the descriptor is resolved now (it is still held by the same syscall).
 #[inline(always)]
-fn resolve(layout: Layout, pid_tgid: u64, inflight: &Inflight) -> Option<TcpSock> {
+fn resolve(pid_tgid: u64, inflight: &Inflight) -> Option<TcpSock> {
     if inflight.sk == 0 {
-        tcp_socket(layout, pid_tgid, inflight.fd as i64)
+        tcp_socket(pid_tgid, inflight.fd as i64)
     } else {
         Some(inflight_sock(inflight))
     }
@@ -250,7 +247,6 @@ fn emit(
     pid_tgid: u64,
     fd: i32,
     sock: &TcpSock,
-    layout: Layout,
     ev: (u32, u32, u32),
     len: u64,
     payload: Payload,
@@ -286,13 +282,14 @@ fn emit(
             header.comm.len() as u32,
         )
     };
-    fill_endpoints(layout, sock, header);
+    fill_endpoints(sock, header);
 
     // A socket in the middle of a large request head gets its calls captured whole.
     let head_key = sock.sk as u64 + dir as u64;
     // The socket's head record, looked up only for a call longer than the prefix (only such a
     // call can need more of its bytes): Some(0) when there is none.
-    let stored: Option<u64> = (event_kind == kind::DATA && len > settings().capture_bytes() as u64)
+    let prefix = Config.capture_bytes() as u64;
+    let stored: Option<u64> = (event_kind == kind::DATA && len > prefix)
         // SAFETY: the value is copied out at once.
         .then(|| unsafe { HEADS.get(head_key) }.copied().unwrap_or(0) as u64);
     let budget = stored.unwrap_or(0);
@@ -300,7 +297,7 @@ fn emit(
         let want = if budget > 0 {
             MAX_CAPTURE as u64
         } else {
-            settings().capture_bytes() as u64
+            prefix
         };
         if want < len { want } else { len }
     };
@@ -340,7 +337,7 @@ fn emit(
         // Later calls on this socket continue the head while the budget lasts, unless this
         // call was short (a whole small head).
         let left = budget - total;
-        if left > 0 && len >= settings().capture_bytes() as u64 {
+        if left > 0 && len >= prefix {
             let _ = HEADS.insert(head_key, left as u32, 0);
         } else if budget > 0 && stored.map_or_else(|| heads_has(head_key), |b| b > 0) {
             // A delete from the LRU takes its locks even for a missing key; most requests
@@ -455,7 +452,7 @@ fn exit_args(at: Args) -> (i64, u64, u64, u32) {
 /// received call). Egress calls keep their enter program for the time before the bytes left.
 #[inline(always)]
 fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
-    let Some((layout, pid_tgid)) = traced_caller() else {
+    let Some(pid_tgid) = traced_caller() else {
         return 0;
     };
     let len = ret(ctx);
@@ -466,7 +463,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     if flags & MSG_PEEK != 0 {
         return 0;
     }
-    let Some(sock) = tcp_socket(layout, pid_tgid, fd) else {
+    let Some(sock) = tcp_socket(pid_tgid, fd) else {
         return 0;
     };
     let Some(waiting) = ring_room() else {
@@ -481,7 +478,6 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         pid_tgid,
         fd as i32,
         &sock,
-        layout,
         (kind::DATA, id, direction::INGRESS),
         len as u64,
         payload,
@@ -507,12 +503,11 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
     let Some(inflight) = take_inflight(pid_tgid, id) else {
         return 0;
     };
-    let layout = layout();
     let len = ret(ctx);
     if len <= 0 {
         return 0;
     }
-    let Some(sock) = resolve(layout, pid_tgid, &inflight) else {
+    let Some(sock) = resolve(pid_tgid, &inflight) else {
         // Only records seeded by the agent get here (enter already checked its own).
         debug!(
             ctx,
@@ -532,7 +527,6 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
         pid_tgid,
         inflight.fd,
         &sock,
-        layout,
         (kind::DATA, id, direction::EGRESS),
         len as u64,
         payload,
@@ -600,17 +594,15 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
     if take_inflight(pid_tgid, id).is_none() {
         return 0;
     }
-    let layout = layout();
     let fd = ret(ctx);
     if fd < 0 {
         return 0;
     }
-    if let Some(sock) = tcp_socket(layout, pid_tgid, fd) {
+    if let Some(sock) = tcp_socket(pid_tgid, fd) {
         emit(
             pid_tgid,
             fd as i32,
             &sock,
-            layout,
             (kind::ACCEPT, id, direction::NONE),
             0,
             Payload::None,
@@ -654,17 +646,15 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(inflight) = take_inflight(pid_tgid, syscall::CONNECT) else {
         return 0;
     };
-    let layout = layout();
     let r = ret(&ctx);
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    if let Some(sock) = resolve(layout, pid_tgid, &inflight) {
+    if let Some(sock) = resolve(pid_tgid, &inflight) {
         emit(
             pid_tgid,
             inflight.fd,
             &sock,
-            layout,
             (kind::CONNECT, syscall::CONNECT, direction::NONE),
             0,
             Payload::None,
@@ -678,16 +668,15 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
 /// close needs no exit program: the socket must be looked up before the descriptor goes away.
 #[tracepoint]
 pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
-    let Some((layout, pid_tgid)) = traced_caller() else {
+    let Some(pid_tgid) = traced_caller() else {
         return 0;
     };
     let fd = arg(&ctx, 0) as i64;
-    if let Some(sock) = tcp_socket(layout, pid_tgid, fd) {
+    if let Some(sock) = tcp_socket(pid_tgid, fd) {
         emit(
             pid_tgid,
             fd as i32,
             &sock,
-            layout,
             (kind::CLOSE, syscall::CLOSE, direction::NONE),
             0,
             Payload::None,

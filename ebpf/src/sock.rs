@@ -63,7 +63,7 @@ unsafe fn load<T: Copy>(base: *const u8, offset: u32) -> T {
 
 /// The TCP socket open on `fd` in the current task (`pid_tgid`), if it is one.
 #[inline(always)]
-pub fn tcp_socket(layout: Layout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
+pub fn tcp_socket(pid_tgid: u64, fd: i64) -> Option<TcpSock> {
     if fd < 0 {
         return None;
     }
@@ -72,20 +72,20 @@ pub fn tcp_socket(layout: Layout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
     // yields None, never a fault.
     unsafe {
         let task = bpf_get_current_task_btf() as *const u8;
-        let files: *const u8 = load(task, layout.task_files());
+        let files: *const u8 = load(task, Layout.task_files());
         // The verifier may type these as possibly null: no arithmetic before the checks.
         if files.is_null() {
             return None;
         }
-        let fdt: *const u8 = load(files, layout.files_fdt());
+        let fdt: *const u8 = load(files, Layout.files_fdt());
         if fdt.is_null() {
             return None;
         }
-        let max_fds: u32 = load(fdt, layout.fdt_max_fds());
+        let max_fds: u32 = load(fdt, Layout.fdt_max_fds());
         if fd as u64 >= max_fds as u64 {
             return None;
         }
-        let fd_array: *const *const u8 = load(fdt, layout.fdt_fd());
+        let fd_array: *const *const u8 = load(fdt, Layout.fdt_fd());
         if fd_array.is_null() {
             return None;
         }
@@ -94,7 +94,7 @@ pub fn tcp_socket(layout: Layout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
             return None;
         }
         let key = (pid_tgid >> 32) << 32 | (fd as u64 & 0xffff_ffff);
-        let inode: *const u8 = read(file, layout.file_inode())?;
+        let inode: *const u8 = read(file, Layout.file_inode())?;
         if let Some(known) = SOCKS.get(key).copied()
             && known.check == known.sum()
             && known.file == file as u64
@@ -102,7 +102,7 @@ pub fn tcp_socket(layout: Layout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
         {
             // The same file on the descriptor, and its inode still the socket's: a file or
             // inode freed and reused at the same address would carry a new inode number.
-            let ino: u64 = read(inode, layout.inode_ino())?;
+            let ino: u64 = read(inode, Layout.inode_ino())?;
             if ino == known.ino {
                 return Some(TcpSock::known(
                     known.sk as *const u8,
@@ -111,25 +111,25 @@ pub fn tcp_socket(layout: Layout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
                 ));
             }
         }
-        let mode: u16 = read(inode, layout.inode_mode())?;
+        let mode: u16 = read(inode, Layout.inode_mode())?;
         if mode & S_IFMT != S_IFSOCK {
             return None;
         }
-        let socket: *const u8 = read(file, layout.file_private_data())?;
-        let sock_type: i16 = read(socket, layout.socket_type())?;
+        let socket: *const u8 = read(file, Layout.file_private_data())?;
+        let sock_type: i16 = read(socket, Layout.socket_type())?;
         if sock_type != SOCK_STREAM {
             return None;
         }
-        let sk: *const u8 = read(socket, layout.socket_sk())?;
-        let head: SockHead = read(sk, layout.sk_daddr())?;
+        let sk: *const u8 = read(socket, Layout.socket_sk())?;
+        let head: SockHead = read(sk, Layout.sk_daddr())?;
         if head.family != family::INET && head.family != family::INET6 {
             return None;
         }
-        let protocol: u16 = read(sk, layout.sk_protocol())?;
+        let protocol: u16 = read(sk, Layout.sk_protocol())?;
         if protocol != IPPROTO_TCP && protocol != IPPROTO_MPTCP {
             return None;
         }
-        let ino: u64 = read(inode, layout.inode_ino())?;
+        let ino: u64 = read(inode, Layout.inode_ino())?;
         let mut known = KnownSock {
             file: file as u64,
             inode: inode as u64,
@@ -151,23 +151,23 @@ pub fn tcp_socket(layout: Layout, pid_tgid: u64, fd: i64) -> Option<TcpSock> {
 
 /// Copies both endpoints of `sock` into `header` (ports in host order).
 #[inline(always)]
-pub fn fill_endpoints(layout: Layout, sock: &TcpSock, header: &mut EventHeader) {
+pub fn fill_endpoints(sock: &TcpSock, header: &mut EventHeader) {
     header.conn_id = sock.ino;
     header.family = sock.family;
     // SAFETY: reads go through bpf_probe_read_kernel (see `read`); a failed read leaves zeros.
     unsafe {
         let head = sock
             .head
-            .unwrap_or_else(|| read(sock.sk, layout.sk_daddr()).unwrap_or_default());
+            .unwrap_or_else(|| read(sock.sk, Layout.sk_daddr()).unwrap_or_default());
         header.remote_port = u16::from_be(head.dport);
         header.local_port = head.num;
         if header.local_port == 0 {
             // Cleared when the connection reached TCP_CLOSE (e.g. close after shutdown).
-            let sport: u16 = read(sock.sk, layout.inet_sport()).unwrap_or(0);
+            let sport: u16 = read(sock.sk, Layout.inet_sport()).unwrap_or(0);
             header.local_port = u16::from_be(sport);
         }
         if sock.family == family::INET6 {
-            let v6: SockHead6 = read(sock.sk, layout.sk_v6_daddr()).unwrap_or_default();
+            let v6: SockHead6 = read(sock.sk, Layout.sk_v6_daddr()).unwrap_or_default();
             set_v6(&mut header.local_addr, v6.rcv_saddr);
             set_v6(&mut header.remote_addr, v6.daddr);
         } else {
