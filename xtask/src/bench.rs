@@ -752,8 +752,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A number of the results, 0 where it is missing.
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
 fn print_table(r: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     if let Some(s) = r.get("soak") {
         println!("soak: {} s", s["seconds"]);
         for row in s["samples"].as_array().into_iter().flatten() {
@@ -763,51 +767,57 @@ fn print_table(r: &Value) {
                 row["rss_kib"],
                 row["peak_rss_kib"],
                 row["fds"],
-                f(&row["cpu_s"])
+                num(&row["cpu_s"])
             );
         }
         return;
     }
+    if !r["nginx"].is_null() {
+        print_nginx(r);
+    }
+    if !r["service"].is_null() {
+        print_service(&r["service"]);
+    }
+}
+
+fn print_nginx(r: &Value) {
     let n = &r["nginx"];
-    if !n.is_null() {
+    println!(
+        "nginx at saturation (wrk -t2 -c64), medians of {} rounds:",
+        r["rounds"]
+    );
+    println!("  mode        req/s      ratio   p50 us   p99 us");
+    for mode in ["baseline", "floor", "wirespan"] {
+        let m = &n[mode];
         println!(
-            "nginx at saturation (wrk -t2 -c64), medians of {} rounds:",
-            r["rounds"]
-        );
-        println!("  mode        req/s      ratio   p50 us   p99 us");
-        for mode in ["baseline", "floor", "wirespan"] {
-            let m = &n[mode];
-            println!(
-                "  {mode:<9} {:>9.0}  {:>7.3}  {:>7.0}  {:>7.0}",
-                f(&m["rps"]),
-                f(&m["rps_ratio"]),
-                f(&m["p50_us"]),
-                f(&m["p99_us"])
-            );
-        }
-        let w = &n["wirespan"];
-        println!(
-            "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
-            f(&w["bpf_ns_per_request"]),
-            f(&n["floor"]["bpf_ns_per_request"]),
-            f(&w["agent_cpu_ns_per_span"]),
-            f(&w["rss_kib"]) / 1024.0,
-            f(&w["peak_rss_kib"]) / 1024.0,
-            f(&w["spans_per_request"]),
-            f(&w["spans_dropped"]),
-            f(&w["agent_wakeups_per_1k_requests"]),
-        );
-        println!(
-            "  CPU during a wirespan run of {} s: agent {:.2} s, OTLP receiver {:.2} s (the receiver shares the cores)",
-            r["seconds"],
-            f(&w["agent_cpu_s"]),
-            f(&w["sink_cpu_s"]),
+            "  {mode:<9} {:>9.0}  {:>7.3}  {:>7.0}  {:>7.0}",
+            num(&m["rps"]),
+            num(&m["rps_ratio"]),
+            num(&m["p50_us"]),
+            num(&m["p99_us"])
         );
     }
-    let s = &r["service"];
-    if s.is_null() {
-        return;
-    }
+    let w = &n["wirespan"];
+    println!(
+        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
+        num(&w["bpf_ns_per_request"]),
+        num(&n["floor"]["bpf_ns_per_request"]),
+        num(&w["agent_cpu_ns_per_span"]),
+        num(&w["rss_kib"]) / 1024.0,
+        num(&w["peak_rss_kib"]) / 1024.0,
+        num(&w["spans_per_request"]),
+        num(&w["spans_dropped"]),
+        num(&w["agent_wakeups_per_1k_requests"]),
+    );
+    println!(
+        "  CPU during a wirespan run of {} s: agent {:.2} s, OTLP receiver {:.2} s (the receiver shares the cores)",
+        r["seconds"],
+        num(&w["agent_cpu_s"]),
+        num(&w["sink_cpu_s"]),
+    );
+}
+
+fn print_service(s: &Value) {
     println!(
         "realistic service (Flask, {} ms work + one call to Go) at {} req/s:",
         s["work_ms"], s["rate"]
@@ -817,11 +827,11 @@ fn print_table(r: &Value) {
         let m = &s[mode];
         println!(
             "  {mode:<9} {:>8.0} {:>8.0}  {:>9.3}  {:>9.3}  {:>6.0}",
-            f(&m["p50_us"]),
-            f(&m["p99_us"]),
-            f(&m["p50_ratio"]),
-            f(&m["p99_ratio"]),
-            f(&m["spans_received"])
+            num(&m["p50_us"]),
+            num(&m["p99_us"]),
+            num(&m["p50_ratio"]),
+            num(&m["p99_ratio"]),
+            num(&m["spans_received"])
         );
     }
 }
