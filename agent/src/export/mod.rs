@@ -143,6 +143,7 @@ pub struct Exporter {
     /// Spans in the queue; the queue's bound is in spans.
     queued: Arc<AtomicUsize>,
     max_queue: usize,
+    max_batch: usize,
     pub stats: Arc<ExportStats>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -158,6 +159,7 @@ impl Exporter {
                     tx: None,
                     queued: Arc::default(),
                     max_queue: batching.max_queue,
+                    max_batch: batching.max_batch,
                     stats,
                     task: None,
                 });
@@ -192,9 +194,16 @@ impl Exporter {
             tx: Some(tx),
             queued,
             max_queue: batching.max_queue,
+            max_batch: batching.max_batch,
             stats,
             task: Some(task),
         })
+    }
+
+    /// Spans per export request: the event loop hands out groups of this size under load
+    /// (one wake-up of the export task per batch).
+    pub fn batch_size(&self) -> usize {
+        self.max_batch
     }
 
     /// Queues spans as one group; what does not fit in the queue is dropped (counted).
@@ -489,7 +498,13 @@ async fn run(
                 s = rx.recv() => match s {
                     Some(group) => {
                         queued.fetch_sub(group.len(), Ordering::Relaxed);
-                        batch.extend(group);
+                        // The event loop hands out whole batches under load: taken as they
+                        // are, not moved span by span.
+                        if batch.is_empty() {
+                            batch = group;
+                        } else {
+                            batch.extend(group);
+                        }
                     }
                     None => { closed = true; break; }
                 },
