@@ -153,7 +153,7 @@ pub fn span_line(out: &mut String, span: &crate::trace::Span) {
         "span {} {} {} {} {} {}us{} trace={} span={} parent={} link={} pid={}",
         span.process.service_name,
         kind,
-        span.name,
+        &*span.name,
         attr("url.path"),
         attr("http.response.status_code"),
         span.end_unix_ns.saturating_sub(span.start_unix_ns) / 1000,

@@ -312,7 +312,7 @@ mod tests {
         b.parent_span_id = None;
         b.trace_state = None;
         let mut c = span(false, None, Vec::new());
-        c.name = String::new();
+        c.name = "".into();
         let resource: Arc<[u8]> = resource(&[
             ("service.name".into(), Value::Str("svc".into())),
             ("process.pid".into(), Value::Int(3)),

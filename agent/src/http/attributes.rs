@@ -81,32 +81,48 @@ fn registered_method(method: &str) -> Option<&'static str> {
 
 /// The span name: the method, or `HTTP` for methods outside the registry. Raw paths are never
 /// part of it (they would explode cardinality); a route template is added once one is known.
-pub fn span_name(method: &str, route: Option<&str>) -> String {
-    let m = if known_method(method) { method } else { "HTTP" };
+pub fn span_name(method: &str, route: Option<&str>) -> Text {
+    let m = registered_method(method).unwrap_or("HTTP");
     match route {
-        Some(r) => format!("{m} {r}"),
-        None => m.to_string(),
+        Some(r) => {
+            let mut name = String::with_capacity(m.len() + 1 + r.len());
+            for part in [m, " ", r] {
+                name.push_str(part);
+            }
+            Text::Owned(name)
+        }
+        None => Text::Static(m),
     }
 }
 
 /// Splits a request target into path and query. An absolute-form target
-/// (`http://host/path?q`) keeps only its path and query.
+/// (`http://host/path?q`, sent to proxies) keeps only its path and query; an origin-form one
+/// (`/path?q`, nearly every request) is split at its first `?`, whatever the query holds.
 pub fn split_target(target: &str) -> (&str, Option<&str>) {
-    let rest = match target.find("://") {
-        Some(i) => {
-            let after = &target[i + 3..];
-            match after.find('/') {
-                Some(j) => &after[j..],
-                None => "/",
-            }
+    let (path, rest) = if target.starts_with('/') {
+        (None, target)
+    } else {
+        match target.split_once("://") {
+            // What follows the authority: its path, or `/` when it starts with the query.
+            Some((_, after)) => match after.find(['/', '?', '#']) {
+                Some(j) if after.as_bytes()[j] == b'/' => (None, &after[j..]),
+                Some(j) => (Some("/"), &after[j..]),
+                None => (Some("/"), ""),
+            },
+            None => (None, target),
         }
-        None => target,
     };
-    let rest = rest.split('#').next().unwrap_or(rest);
-    match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rest, None),
+    let rest = &rest[..position(rest, b'#').unwrap_or(rest.len())];
+    match position(rest, b'?') {
+        Some(i) => (path.unwrap_or(&rest[..i]), Some(&rest[i + 1..])),
+        None => (path.unwrap_or(rest), None),
     }
+}
+
+/// The first `byte` (ASCII) in `s`: a plain scan, cheaper than a `str` pattern search on the
+/// few bytes of a target or a host.
+fn position(s: &str, byte: u8) -> Option<usize> {
+    s.bytes().position(|b| b == byte)
 }
 
 /// Keeps query parameter names and replaces every value with `REDACTED`.
@@ -123,16 +139,19 @@ pub fn redact_query(query: &str) -> String {
 
 /// `Host` split into name and port; brackets of an IPv6 literal removed.
 pub fn split_host(host: &str) -> (String, Option<u16>) {
-    let host = host.trim();
+    let host = host.trim_ascii();
     if let Some(rest) = host.strip_prefix('[')
-        && let Some((addr, tail)) = rest.split_once(']')
+        && let Some(end) = position(rest, b']')
     {
-        let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
-        return (addr.to_string(), port);
+        let port = rest[end + 1..]
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok());
+        return (rest[..end].to_string(), port);
     }
-    match host.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => match p.parse() {
-            Ok(port) => (h.to_string(), Some(port)),
+    // One colon: name and port; more: an IPv6 literal without brackets, no port.
+    match host.bytes().rposition(|b| b == b':') {
+        Some(i) if position(&host[..i], b':').is_none() => match host[i + 1..].parse() {
+            Ok(port) => (host[..i].to_string(), Some(port)),
             Err(_) => (host.to_string(), None),
         },
         _ => (host.to_string(), None),
@@ -238,14 +257,25 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
             a.push(("client.port", Value::Int(ex.remote.port() as i64)));
         }
         Side::Client => {
+            let remote;
             let authority = match req.header("host") {
-                Some(h) => h.to_string(),
-                None => ex.remote.to_string(),
+                Some(h) => h,
+                None => {
+                    remote = ex.remote.to_string();
+                    &remote
+                }
             };
-            let full = match &query {
-                Some(q) => format!("http://{authority}{path}?{q}"),
-                None => format!("http://{authority}{path}"),
-            };
+            let q = query.as_deref();
+            let mut full = String::with_capacity(
+                "http://".len() + authority.len() + path.len() + q.map_or(0, |q| 1 + q.len()),
+            );
+            for part in ["http://", authority, path] {
+                full.push_str(part);
+            }
+            if let Some(q) = q {
+                full.push('?');
+                full.push_str(q);
+            }
             a.push(("url.full", Value::Str(full.into())));
             a.push(("url.path", Value::Str(path.to_string().into())));
             if let Some(q) = query {

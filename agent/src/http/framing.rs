@@ -614,56 +614,80 @@ fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
     }
 }
 
+/// What a header field is to the framing or to the spans.
+#[derive(Clone, Copy)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    Kept(&'static str),
+}
+
+/// The field a name is, if it matters (names compared by length first: most fields are none).
+fn classify(name: &str) -> Option<Field> {
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        14 if is("content-length") => Some(Field::ContentLength),
+        17 if is("transfer-encoding") => Some(Field::TransferEncoding),
+        10 if is("connection") => Some(Field::Connection),
+        6 if is("expect") => Some(Field::Expect),
+        _ => KEPT_HEADERS.iter().find(|k| is(k)).map(|k| Field::Kept(k)),
+    }
+}
+
+/// The comma-separated elements of a field value, optional whitespace around them removed.
+fn elements(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
 fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
     let mut keep_alive = false;
     let mut close = false;
     for f in fields {
-        let name = f.name;
-        let kept = KEPT_HEADERS.iter().find(|k| name.eq_ignore_ascii_case(k));
-        let framing = [
-            "content-length",
-            "transfer-encoding",
-            "connection",
-            "expect",
-        ]
-        .iter()
-        .any(|n| name.eq_ignore_ascii_case(n));
-        if kept.is_none() && !framing {
-            // Most fields matter to neither framing nor spans: their values are not decoded.
+        // Most fields matter to neither framing nor spans: their values are not looked at.
+        let Some(field) = classify(f.name) else {
             continue;
-        }
-        let value = String::from_utf8_lossy(f.value);
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            // Repeated identical values are allowed (RFC 9110 8.6); anything else is invalid.
-            let mut values = value.split(',').map(|v| v.trim().parse::<u64>().ok());
-            let first = values.next().flatten();
-            match first {
-                Some(first) if values.all(|v| v == Some(first)) => {
-                    if head.content_length.is_some_and(|c| c != first) {
-                        head.invalid_framing = true;
+        };
+        let value = f.value.trim_ascii();
+        match field {
+            Field::ContentLength => {
+                // Repeated identical values are allowed (RFC 9110 8.6); anything else is
+                // invalid.
+                let mut values = elements(value).map(|v| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                });
+                let first = values.next().flatten();
+                match first {
+                    Some(first) if values.all(|v| v == Some(first)) => {
+                        if head.content_length.is_some_and(|c| c != first) {
+                            head.invalid_framing = true;
+                        }
+                        head.content_length = Some(first);
                     }
-                    head.content_length = Some(first);
+                    _ => head.invalid_framing = true,
                 }
-                _ => head.invalid_framing = true,
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value.rsplit(',').next().unwrap_or("").trim();
-            head.chunked = last.eq_ignore_ascii_case("chunked");
-            if !head.chunked && head.kind == Some(MessageKind::Request) {
-                // A request whose length cannot be determined (RFC 9112 6.3 rule 4).
-                head.invalid_framing = true;
+            Field::TransferEncoding => {
+                let last = elements(value).next_back().unwrap_or_default();
+                head.chunked = last.eq_ignore_ascii_case(b"chunked");
+                if !head.chunked && head.kind == Some(MessageKind::Request) {
+                    // A request whose length cannot be determined (RFC 9112 6.3 rule 4).
+                    head.invalid_framing = true;
+                }
             }
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',') {
-                let token = token.trim();
-                close |= token.eq_ignore_ascii_case("close");
-                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            Field::Connection => {
+                for token in elements(value) {
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
             }
-        } else if name.eq_ignore_ascii_case("expect") {
-            head.expect_continue = value.eq_ignore_ascii_case("100-continue");
-        } else if let Some(kept) = kept {
-            head.headers.push((kept, value.to_string()));
+            Field::Expect => head.expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
+            Field::Kept(name) => head
+                .headers
+                .push((name, String::from_utf8_lossy(value).into_owned())),
         }
     }
     if head.chunked {

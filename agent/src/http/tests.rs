@@ -520,8 +520,8 @@ fn server_span_attributes_and_redacted_query() {
     );
     assert_eq!(attributes::error(&ex), None);
     // The name is the method, never the path.
-    assert_eq!(attributes::span_name(&req.method, None), "GET");
-    assert_eq!(attributes::span_name("FOO", None), "HTTP");
+    assert_eq!(&*attributes::span_name(&req.method, None), "GET");
+    assert_eq!(&*attributes::span_name("FOO", None), "HTTP");
 }
 
 #[test]
@@ -630,4 +630,36 @@ fn query_values_are_kept_only_when_asked() {
         attr(&a, "url.query").cloned(),
         Some(Value::Str("q=secret".into()))
     );
+}
+
+#[test]
+fn request_targets_split_into_path_and_query() {
+    use attributes::split_target as split;
+    assert_eq!(split("/"), ("/", None));
+    assert_eq!(split("/a/b?x=1&y"), ("/a/b", Some("x=1&y")));
+    // A URL in the query of an origin-form target is the query's, not the target's.
+    assert_eq!(
+        split("/login?next=http://example.com/home"),
+        ("/login", Some("next=http://example.com/home"))
+    );
+    assert_eq!(split("/p#frag"), ("/p", None));
+    // Absolute-form (to a proxy): the path and query after the authority.
+    assert_eq!(split("http://h:8080/a?q=1"), ("/a", Some("q=1")));
+    assert_eq!(split("http://h"), ("/", None));
+    assert_eq!(split("http://h?q=1"), ("/", Some("q=1")));
+    // Asterisk-form (OPTIONS *).
+    assert_eq!(split("*"), ("*", None));
+}
+
+#[test]
+fn host_fields_split_into_name_and_port() {
+    use attributes::split_host as split;
+    let s = |h: &str, p: Option<u16>| (h.to_string(), p);
+    assert_eq!(split("example.com:8080"), s("example.com", Some(8080)));
+    assert_eq!(split(" example.com "), s("example.com", None));
+    assert_eq!(split("[::1]:80"), s("::1", Some(80)));
+    assert_eq!(split("[::1]"), s("::1", None));
+    // Unbracketed IPv6 has no port to split off; a port that is not a number stays.
+    assert_eq!(split("::1"), s("::1", None));
+    assert_eq!(split("h:x"), s("h:x", None));
 }

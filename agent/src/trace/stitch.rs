@@ -34,7 +34,7 @@ use crate::{
     capture::{Direction, EventKind, SocketEvent},
     clock::WallClock,
     http::{
-        attributes::{self, Attributes, Exchange, Outcome, Side, Value},
+        attributes::{self, Attributes, Exchange, Outcome, Side, Text, Value},
         context::{self, Remote},
         framing::{self, Head, MessageKind, Output, Stream},
     },
@@ -99,7 +99,7 @@ pub struct Span {
     pub parent_remote: bool,
     pub link: Option<Link>,
     pub side: Side,
-    pub name: String,
+    pub name: Text,
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
     pub attributes: Attributes,
@@ -288,6 +288,8 @@ pub struct Stitcher {
     /// Finished spans in the order they finished, for forgetting them.
     finished: VecDeque<(Instant, SpanId)>,
     assembling: HashMap<u64, Assembling>,
+    /// The framing's outputs of one call, kept between calls for its allocation.
+    outputs: Vec<Output>,
     rng: fastrand::Rng,
     last_prune: Instant,
     /// A coarse clock, advanced by `tick`: reading the clock per event costs more than the
@@ -325,6 +327,7 @@ impl Stitcher {
             deferred: VecDeque::new(),
             finished: VecDeque::new(),
             assembling: HashMap::default(),
+            outputs: Vec::new(),
             rng: fastrand::Rng::new(),
             last_prune: Instant::now(),
             now: Instant::now(),
@@ -565,7 +568,7 @@ impl Stitcher {
 
     fn data(&mut self, conn: &mut Conn, ev: &SocketEvent<'_>, dir: Direction, out: &mut Vec<Span>) {
         let h = &ev.header;
-        let mut outputs = Vec::new();
+        let mut outputs = std::mem::take(&mut self.outputs);
         let before = match dir {
             Direction::Ingress => conn.ingress.stats,
             Direction::Egress => conn.egress.stats,
@@ -616,20 +619,21 @@ impl Stitcher {
         delta.truncated -= before.truncated;
         delta.skipped_calls -= before.skipped_calls;
         self.stats.http.add(&delta);
-        let Some(side) = conn.side else {
-            return;
-        };
-        let requests_dir = match side {
-            Side::Server => Direction::Ingress,
-            Side::Client => Direction::Egress,
-        };
-        for o in outputs {
-            if dir == requests_dir {
-                self.request_output(conn, side, ev, o);
-            } else {
-                self.response_output(conn, side, ev, o, out);
+        if let Some(side) = conn.side {
+            let requests_dir = match side {
+                Side::Server => Direction::Ingress,
+                Side::Client => Direction::Egress,
+            };
+            for o in outputs.drain(..) {
+                if dir == requests_dir {
+                    self.request_output(conn, side, ev, o);
+                } else {
+                    self.response_output(conn, side, ev, o, out);
+                }
             }
         }
+        outputs.clear();
+        self.outputs = outputs;
     }
 
     fn request_output(&mut self, conn: &mut Conn, side: Side, ev: &SocketEvent<'_>, o: Output) {
@@ -897,12 +901,13 @@ impl Stitcher {
             self.routes
                 .route(attributes::split_target(&p.head.target).0)
         });
-        if let Some(r) = &route {
+        let name = attributes::span_name(&p.head.method, route.as_deref());
+        if let Some(r) = route {
             let key = match side {
                 Side::Server => "http.route",
                 Side::Client => "url.template",
             };
-            attrs.push((key, Value::Str(r.clone().into())));
+            attrs.push((key, Value::Str(r.into())));
         }
         let now = self.now;
         if let Some(n) = self.nodes.get_mut(&p.id) {
@@ -923,7 +928,7 @@ impl Stitcher {
             parent_remote: false,
             link: None,
             side,
-            name: attributes::span_name(&p.head.method, route.as_deref()),
+            name,
             start_unix_ns: self.clock.to_unix_ns(p.start_ts),
             end_unix_ns: self.clock.to_unix_ns(end_ts),
             attributes: attrs,
