@@ -7,7 +7,8 @@
 //! types, so a wrong field number or length fails them.
 //!
 //! Every message's length is computed before it is written (protobuf puts lengths in front),
-//! so nothing is written twice and nothing is moved.
+//! so nothing is written twice and nothing is moved; each message goes into a zeroed buffer of
+//! exactly that size through a cursor, and a length that disagrees fails the write.
 
 use std::sync::Arc;
 
@@ -36,19 +37,56 @@ fn varint_len(v: u64) -> usize {
     ((64 - (v | 1).leading_zeros()) as usize).div_ceil(7)
 }
 
-fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+/// A message being written into a buffer of the size computed for it beforehand: a cursor
+/// over initialised bytes, so each write is a store and a bounds check, with no capacity check
+/// or length update of a growing `Vec` per byte.
+struct Out<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Out<'_> {
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.buf[self.pos] = b;
+        self.pos += 1;
+    }
+
+    #[inline]
+    fn slice(&mut self, b: &[u8]) {
+        let end = self.pos + b.len();
+        self.buf[self.pos..end].copy_from_slice(b);
+        self.pos = end;
+    }
+}
+
+/// A buffer of exactly `len` bytes, filled by `write`.
+fn encoded(len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    let mut out = Out {
+        buf: &mut buf,
+        pos: 0,
+    };
+    write(&mut out);
+    assert_eq!(out.pos, len, "length computed and written differ");
+    buf
+}
+
+#[inline]
+fn put_varint(buf: &mut Out<'_>, mut v: u64) {
     while v >= 0x80 {
-        buf.push(v as u8 | 0x80);
+        buf.byte(v as u8 | 0x80);
         v >>= 7;
     }
-    buf.push(v as u8);
+    buf.byte(v as u8);
 }
 
 fn key_len(field: u32) -> usize {
     varint_len(u64::from(field) << 3)
 }
 
-fn put_key(buf: &mut Vec<u8>, field: u32, wire: u32) {
+#[inline]
+fn put_key(buf: &mut Out<'_>, field: u32, wire: u32) {
     put_varint(buf, u64::from(field << 3 | wire));
 }
 
@@ -57,19 +95,21 @@ fn len_field(field: u32, n: usize) -> usize {
     key_len(field) + varint_len(n as u64) + n
 }
 
-fn put_len(buf: &mut Vec<u8>, field: u32, n: usize) {
+#[inline]
+fn put_len(buf: &mut Out<'_>, field: u32, n: usize) {
     put_key(buf, field, LEN);
     put_varint(buf, n as u64);
 }
 
-fn put_bytes(buf: &mut Vec<u8>, field: u32, b: &[u8]) {
+#[inline]
+fn put_bytes(buf: &mut Out<'_>, field: u32, b: &[u8]) {
     put_len(buf, field, b.len());
-    buf.extend_from_slice(b);
+    buf.slice(b);
 }
 
-fn put_fixed64(buf: &mut Vec<u8>, field: u32, v: u64) {
+fn put_fixed64(buf: &mut Out<'_>, field: u32, v: u64) {
     put_key(buf, field, FIXED64);
-    buf.extend_from_slice(&v.to_le_bytes());
+    buf.slice(&v.to_le_bytes());
 }
 
 /// `AnyValue` content.
@@ -86,10 +126,11 @@ fn key_value_len(key: &str, v: &Value) -> usize {
     len_field(1, key.len()) + len_field(2, any_value_len(v))
 }
 
-fn put_key_value(buf: &mut Vec<u8>, field: u32, key: &str, v: &Value) {
-    put_len(buf, field, key_value_len(key, v));
+fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
+    let any = any_value_len(v);
+    put_len(buf, field, len_field(1, key.len()) + len_field(2, any));
     put_bytes(buf, 1, key.as_bytes());
-    put_len(buf, 2, any_value_len(v));
+    put_len(buf, 2, any);
     match v {
         Value::Str(s) => put_bytes(buf, 1, s.as_bytes()),
         Value::Int(i) => {
@@ -132,8 +173,8 @@ fn span_len(s: &Span) -> usize {
     n
 }
 
-fn put_span(buf: &mut Vec<u8>, s: &Span, len: usize) {
-    let start = buf.len();
+fn put_span(buf: &mut Out<'_>, s: &Span, len: usize) {
+    let start = buf.pos;
     put_bytes(buf, 1, &s.trace_id);
     put_bytes(buf, 2, &s.span_id);
     if let Some(ts) = s.trace_state.as_deref().filter(|t| !t.is_empty()) {
@@ -168,9 +209,9 @@ fn put_span(buf: &mut Vec<u8>, s: &Span, len: usize) {
     }
     let flags = u32::from(s.flags) | HAS_IS_REMOTE | if s.parent_remote { IS_REMOTE } else { 0 };
     put_key(buf, 16, FIXED32);
-    buf.extend_from_slice(&flags.to_le_bytes());
+    buf.slice(&flags.to_le_bytes());
     debug_assert_eq!(
-        buf.len() - start,
+        buf.pos - start,
         len,
         "span length computed and written differ"
     );
@@ -178,19 +219,27 @@ fn put_span(buf: &mut Vec<u8>, s: &Span, len: usize) {
 
 /// A `Resource` message's content: its attributes.
 pub fn resource(attributes: &[(String, Value)]) -> Vec<u8> {
-    let mut buf = Vec::new();
-    for (k, v) in attributes {
-        put_key_value(&mut buf, 1, k, v);
-    }
-    buf
+    let len = attributes
+        .iter()
+        .map(|(k, v)| len_field(1, key_value_len(k, v)))
+        .sum();
+    encoded(len, |buf| {
+        for (k, v) in attributes {
+            put_key_value(buf, 1, k, v);
+        }
+    })
 }
 
 /// The `InstrumentationScope` content of every span: wirespan and its version.
 pub fn scope() -> Vec<u8> {
-    let mut buf = Vec::new();
-    put_bytes(&mut buf, 1, b"wirespan");
-    put_bytes(&mut buf, 2, env!("CARGO_PKG_VERSION").as_bytes());
-    buf
+    let (name, version) = (b"wirespan", env!("CARGO_PKG_VERSION").as_bytes());
+    encoded(
+        len_field(1, name.len()) + len_field(2, version.len()),
+        |buf| {
+            put_bytes(buf, 1, name);
+            put_bytes(buf, 2, version);
+        },
+    )
 }
 
 /// One `ResourceSpans`: a process's resource and its spans of the batch.
@@ -220,24 +269,19 @@ pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
         total += len_field(1, resource_spans);
         sizes.push((resource_spans, scope_spans));
     }
-    let mut out = Vec::with_capacity(total);
-    let mut next = lens.iter();
-    for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
-        put_len(&mut out, 1, resource_spans);
-        put_bytes(&mut out, 1, &g.resource);
-        put_len(&mut out, 2, scope_spans);
-        put_bytes(&mut out, 1, scope);
-        for (s, &n) in g.spans.iter().zip(next.by_ref()) {
-            put_len(&mut out, 2, n);
-            put_span(&mut out, s, n);
+    encoded(total, |out| {
+        let mut next = lens.iter();
+        for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
+            put_len(out, 1, resource_spans);
+            put_bytes(out, 1, &g.resource);
+            put_len(out, 2, scope_spans);
+            put_bytes(out, 1, scope);
+            for (s, &n) in g.spans.iter().zip(next.by_ref()) {
+                put_len(out, 2, n);
+                put_span(out, s, n);
+            }
         }
-    }
-    debug_assert_eq!(
-        out.len(),
-        total,
-        "request length computed and written differ"
-    );
-    out
+    })
 }
 
 #[cfg(test)]
@@ -286,9 +330,12 @@ mod tests {
             (16_384, 3),
             (u64::MAX, 10),
         ] {
-            let mut b = Vec::new();
-            put_varint(&mut b, v);
+            let b = encoded(n, |out| put_varint(out, v));
             assert_eq!((b.len(), varint_len(v)), (n, n), "{v}");
+            assert_eq!(
+                prost::encoding::decode_varint(&mut b.as_slice()).ok(),
+                Some(v)
+            );
         }
     }
 
