@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::{
     Message as _,
-    bytes::{Buf as _, Bytes},
+    bytes::{Buf as _, BufMut as _, Bytes},
 };
 use tokio::sync::mpsc;
 
@@ -256,11 +256,11 @@ enum Sink {
 }
 
 impl Sink {
-    /// Sends one batch as an `ExportTraceServiceRequest`.
-    async fn export(self, batch: Batch) -> anyhow::Result<()> {
+    /// Sends one encoded `ExportTraceServiceRequest`.
+    async fn export(self, request: Bytes) -> anyhow::Result<()> {
         match self {
-            Sink::Otlp(t) => t.export(batch).await,
-            Sink::Embedded(service) => embedded_export(&service, batch.to_bytes()).await,
+            Sink::Otlp(t) => t.export(request).await,
+            Sink::Embedded(service) => embedded_export(&service, request).await,
         }
     }
 }
@@ -370,14 +370,14 @@ impl Transport {
         })
     }
 
-    async fn export(&self, batch: Batch) -> anyhow::Result<()> {
+    async fn export(&self, request: Bytes) -> anyhow::Result<()> {
         match self {
             Self::Grpc {
                 channel,
                 headers,
                 timeout,
             } => {
-                let mut req = tonic::Request::new(batch);
+                let mut req = tonic::Request::new(request);
                 *req.metadata_mut() = headers.clone();
                 req.set_timeout(*timeout);
                 // A handle on the same connection.
@@ -411,7 +411,7 @@ impl Transport {
                     .post(url)
                     .headers(headers.clone())
                     .timeout(*timeout)
-                    .body(batch.to_bytes())
+                    .body(request)
                     .send()
                     .await?;
                 let status = resp.status();
@@ -431,13 +431,12 @@ impl Transport {
 /// The OTLP trace service's one method.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-/// gRPC codec for a batch, encoded ([`wire`]) straight into tonic's send buffer, and the
-/// service's response.
+/// gRPC codec for a request encoded already ([`wire`]) and the service's response.
 #[derive(Clone, Copy, Default)]
 struct EncodedCodec;
 
 impl tonic::codec::Codec for EncodedCodec {
-    type Encode = Batch;
+    type Encode = Bytes;
     type Decode = ExportTraceServiceResponse;
     type Encoder = Self;
     type Decoder = Self;
@@ -452,18 +451,15 @@ impl tonic::codec::Codec for EncodedCodec {
 }
 
 impl tonic::codec::Encoder for EncodedCodec {
-    type Item = Batch;
+    type Item = Bytes;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: Batch,
+        item: Bytes,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
-        item.encode(|request| {
-            dst.reserve(request.len);
-            request.put(dst);
-        });
+        dst.put(item);
         Ok(())
     }
 }
@@ -517,11 +513,9 @@ async fn run(
         }
         // Full batches go now; a partial one when the delay is over or at the end.
         while batch.len() >= batching.max_batch || (!batch.is_empty() && (due || closed)) {
-            // The spans go with their export; a whole batch handed out as one moves as is.
-            let rest = batch.split_off(batch.len().min(batching.max_batch));
-            let spans = std::mem::replace(&mut batch, rest);
+            let take = batch.len().min(batching.max_batch);
             export_batch(
-                spans,
+                &batch[..take],
                 &mut resources,
                 &mut in_flight,
                 &sink,
@@ -529,23 +523,24 @@ async fn run(
                 &stats,
             )
             .await;
+            batch.drain(..take);
         }
     }
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Groups one batch by process and starts its export, after waiting for room among the
-/// exports in flight.
+/// Encodes one batch and starts its export, after waiting for room among the exports in
+/// flight.
 async fn export_batch(
-    spans: Vec<Span>,
+    batch: &[Span],
     resources: &mut Resources,
     in_flight: &mut tokio::task::JoinSet<()>,
     sink: &Sink,
     batching: &Batching,
     stats: &Arc<ExportStats>,
 ) {
-    let n = spans.len() as u64;
-    let batch = resources.batch(spans);
+    let n = batch.len() as u64;
+    let request = resources.request(batch);
     while in_flight.len() >= batching.max_concurrent {
         let _ = in_flight.join_next().await;
     }
@@ -553,7 +548,7 @@ async fn export_batch(
     let timeout = batching.export_timeout;
     let sink = sink.clone();
     in_flight.spawn(async move {
-        let result = tokio::time::timeout(timeout, sink.export(batch)).await;
+        let result = tokio::time::timeout(timeout, sink.export(request)).await;
         match result {
             Ok(Ok(())) => {
                 stats.exported.fetch_add(n, Ordering::Relaxed);
@@ -575,7 +570,7 @@ async fn export_batch(
 struct Resources {
     host: String,
     by_pid: HashMap<u32, (Arc<ProcessInfo>, Arc<[u8]>)>,
-    scope: Arc<[u8]>,
+    scope: Vec<u8>,
 }
 
 impl Resources {
@@ -583,7 +578,7 @@ impl Resources {
         Self {
             host,
             by_pid: HashMap::new(),
-            scope: wire::scope().into(),
+            scope: wire::scope(),
         }
     }
 
@@ -603,55 +598,28 @@ impl Resources {
         r
     }
 
-    /// A batch's spans grouped by process, each group with its process's resource.
-    fn batch(&mut self, spans: Vec<Span>) -> Batch {
+    /// One encoded `ExportTraceServiceRequest` for a batch: a resource per process, one scope,
+    /// the spans.
+    fn request(&mut self, spans: &[Span]) -> Bytes {
         let mut owners: Vec<&Arc<ProcessInfo>> = Vec::new();
-        let mut groups: Vec<(Arc<[u8]>, Vec<usize>)> = Vec::new();
-        for (i, s) in spans.iter().enumerate() {
+        let mut groups: Vec<wire::Group<'_>> = Vec::new();
+        for s in spans {
             let info = &s.process;
             match owners
                 .iter()
                 .position(|p| Arc::ptr_eq(p, info) || ***p == **info)
             {
-                Some(g) => groups[g].1.push(i),
+                Some(i) => groups[i].spans.push(s),
                 None => {
                     owners.push(info);
-                    groups.push((self.get(info), vec![i]));
+                    groups.push(wire::Group {
+                        resource: self.get(info),
+                        spans: vec![s],
+                    });
                 }
             }
         }
-        Batch {
-            spans,
-            groups,
-            scope: self.scope.clone(),
-        }
-    }
-}
-
-/// One export request's spans, grouped by process; encoded when the transport writes it.
-struct Batch {
-    spans: Vec<Span>,
-    /// Each process's encoded resource and the indices of its spans.
-    groups: Vec<(Arc<[u8]>, Vec<usize>)>,
-    scope: Arc<[u8]>,
-}
-
-impl Batch {
-    fn encode<R>(&self, write: impl FnOnce(&wire::Request<'_>) -> R) -> R {
-        let groups: Vec<wire::Group<'_>> = self
-            .groups
-            .iter()
-            .map(|(resource, spans)| wire::Group {
-                resource: resource.clone(),
-                spans: spans.iter().map(|&i| &self.spans[i]).collect(),
-            })
-            .collect();
-        write(&wire::Request::new(&groups, &self.scope))
-    }
-
-    /// The encoded `ExportTraceServiceRequest`, in one allocation of its exact size.
-    fn to_bytes(&self) -> Bytes {
-        self.encode(|request| request.to_vec().into())
+        wire::request(&groups, &self.scope).into()
     }
 }
 
@@ -737,7 +705,7 @@ mod tests {
         let a2 = process(3, "svc");
         let mut r = Resources::new("h".into());
         let batch = [plain_span(&a, 1), plain_span(&b, 2), plain_span(&a2, 3)];
-        let req = ExportTraceServiceRequest::decode(r.batch(batch.into()).to_bytes()).unwrap();
+        let req = ExportTraceServiceRequest::decode(r.request(&batch)).unwrap();
         assert_eq!(req.resource_spans.len(), 2);
         let service = |i: usize| {
             req.resource_spans[i]

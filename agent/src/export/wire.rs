@@ -12,8 +12,6 @@
 
 use std::sync::Arc;
 
-use prost::bytes::{BufMut, buf::UninitSlice};
-
 use crate::{
     http::attributes::{Side, Value},
     trace::Span,
@@ -39,19 +37,18 @@ fn varint_len(v: u64) -> usize {
     ((64 - (v | 1).leading_zeros()) as usize).div_ceil(7)
 }
 
-/// A message being written into a buffer of the size computed for it beforehand: a cursor, so
-/// each write is a store and a bounds check, with no capacity check or length update of a
-/// growing `Vec` per byte. The buffer is a zeroed `Vec` or the spare capacity of the gRPC
-/// client's send buffer (written in place, not copied there afterwards).
+/// A message being written into a buffer of the size computed for it beforehand: a cursor
+/// over initialised bytes, so each write is a store and a bounds check, with no capacity check
+/// or length update of a growing `Vec` per byte.
 struct Out<'a> {
-    buf: &'a mut UninitSlice,
+    buf: &'a mut [u8],
     pos: usize,
 }
 
 impl Out<'_> {
     #[inline]
     fn byte(&mut self, b: u8) {
-        self.buf.write_byte(self.pos, b);
+        self.buf[self.pos] = b;
         self.pos += 1;
     }
 
@@ -63,20 +60,15 @@ impl Out<'_> {
     }
 }
 
-/// Writes exactly `len` bytes at the start of `buf`.
-fn write_exact(buf: &mut UninitSlice, len: usize, write: impl FnOnce(&mut Out<'_>)) {
+/// A buffer of exactly `len` bytes, filled by `write`.
+fn encoded(len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
+    let mut buf = vec![0; len];
     let mut out = Out {
-        buf: &mut buf[..len],
+        buf: &mut buf,
         pos: 0,
     };
     write(&mut out);
     assert_eq!(out.pos, len, "length computed and written differ");
-}
-
-/// A buffer of exactly `len` bytes, filled by `write`.
-fn encoded(len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
-    let mut buf = vec![0; len];
-    write_exact(UninitSlice::new(&mut buf), len, write);
     buf
 }
 
@@ -257,83 +249,39 @@ pub struct Group<'a> {
     pub spans: Vec<&'a Span>,
 }
 
-/// An `ExportTraceServiceRequest` measured and ready to be written.
-pub struct Request<'a> {
-    groups: &'a [Group<'a>],
-    scope: &'a [u8],
-    /// Each span's encoded length, in the groups' order.
-    lens: Vec<usize>,
-    /// Each group's `ResourceSpans` and `ScopeSpans` content lengths.
-    sizes: Vec<(usize, usize)>,
-    pub len: usize,
-}
-
-impl<'a> Request<'a> {
-    pub fn new(groups: &'a [Group<'a>], scope: &'a [u8]) -> Self {
-        let lens: Vec<usize> = groups
-            .iter()
-            .flat_map(|g| g.spans.iter().map(|s| span_len(s)))
-            .collect();
-        let mut sizes = Vec::with_capacity(groups.len());
-        let mut len = 0;
-        let mut next = lens.iter();
-        for g in groups {
-            let scope_spans = len_field(1, scope.len())
-                + next
-                    .by_ref()
-                    .take(g.spans.len())
-                    .map(|&n| len_field(2, n))
-                    .sum::<usize>();
-            let resource_spans = len_field(1, g.resource.len()) + len_field(2, scope_spans);
-            len += len_field(1, resource_spans);
-            sizes.push((resource_spans, scope_spans));
-        }
-        Self {
-            groups,
-            scope,
-            lens,
-            sizes,
-            len,
-        }
+/// An encoded `ExportTraceServiceRequest`, in one allocation of its exact size.
+pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
+    let lens: Vec<usize> = groups
+        .iter()
+        .flat_map(|g| g.spans.iter().map(|s| span_len(s)))
+        .collect();
+    let mut sizes = Vec::with_capacity(groups.len());
+    let mut total = 0;
+    let mut next = lens.iter();
+    for g in groups {
+        let scope_spans = len_field(1, scope.len())
+            + next
+                .by_ref()
+                .take(g.spans.len())
+                .map(|&n| len_field(2, n))
+                .sum::<usize>();
+        let resource_spans = len_field(1, g.resource.len()) + len_field(2, scope_spans);
+        total += len_field(1, resource_spans);
+        sizes.push((resource_spans, scope_spans));
     }
-
-    fn write(&self, out: &mut Out<'_>) {
-        let mut next = self.lens.iter();
-        for (g, &(resource_spans, scope_spans)) in self.groups.iter().zip(&self.sizes) {
+    encoded(total, |out| {
+        let mut next = lens.iter();
+        for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
             put_len(out, 1, resource_spans);
             put_bytes(out, 1, &g.resource);
             put_len(out, 2, scope_spans);
-            put_bytes(out, 1, self.scope);
+            put_bytes(out, 1, scope);
             for (s, &n) in g.spans.iter().zip(next.by_ref()) {
                 put_len(out, 2, n);
                 put_span(out, s, n);
             }
         }
-    }
-
-    /// In one allocation of its exact size.
-    pub fn to_vec(&self) -> Vec<u8> {
-        encoded(self.len, |out| self.write(out))
-    }
-
-    /// Appended to `dst` in place, when its spare capacity holds the request (tonic's send
-    /// buffer after `reserve`); copied from a buffer of its own otherwise.
-    pub fn put(&self, dst: &mut impl BufMut) {
-        let spare = dst.chunk_mut();
-        if spare.len() < self.len {
-            dst.put_slice(&self.to_vec());
-            return;
-        }
-        write_exact(spare, self.len, |out| self.write(out));
-        // SAFETY: write_exact returned, so the first `self.len` bytes of the spare capacity
-        // were all written (it checks that the cursor ended exactly there).
-        unsafe { dst.advance_mut(self.len) };
-    }
-}
-
-/// An encoded `ExportTraceServiceRequest`, in one allocation of its exact size.
-pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
-    Request::new(groups, scope).to_vec()
+    })
 }
 
 #[cfg(test)]
@@ -490,29 +438,5 @@ mod tests {
     #[test]
     fn empty_batch_is_an_empty_request() {
         assert!(decode(&[]).resource_spans.is_empty());
-    }
-
-    #[test]
-    fn written_in_place_after_what_the_buffer_holds() {
-        let (a, b) = (
-            span(false, None, vec![("k", Value::Int(1))]),
-            span(true, Some("e"), vec![]),
-        );
-        let groups = [Group {
-            resource: resource_of("svc"),
-            spans: vec![&a, &b],
-        }];
-        let scope = scope();
-        let request = Request::new(&groups, &scope);
-        let whole = request.to_vec();
-        assert_eq!(whole.len(), request.len);
-        // With room reserved (how tonic's send buffer is given to the codec), and without:
-        // the same bytes after the frame header already there.
-        for room in [request.len, 0] {
-            let mut dst = prost::bytes::BytesMut::with_capacity(5 + room);
-            dst.put_slice(b"head:");
-            request.put(&mut dst);
-            assert_eq!((&dst[..5], &dst[5..]), (&b"head:"[..], &whole[..]), "{room}");
-        }
     }
 }
