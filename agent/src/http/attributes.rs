@@ -39,6 +39,14 @@ impl PartialEq for Text {
     }
 }
 
+impl Eq for Text {}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text::Static("")
+    }
+}
+
 impl std::fmt::Debug for Text {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         (**self).fmt(f)
@@ -77,6 +85,11 @@ pub fn known_method(method: &str) -> bool {
 /// The registry's spelling of a known method.
 fn registered_method(method: &str) -> Option<&'static str> {
     KNOWN_METHODS.iter().find(|m| **m == method).copied()
+}
+
+/// A request's method, allocated only when it is not a known one.
+pub fn method_text(method: &str) -> Text {
+    registered_method(method).map_or_else(|| Text::Owned(method.to_string()), Text::Static)
 }
 
 /// The span name: the method, or `HTTP` for methods outside the registry. Raw paths are never
@@ -221,13 +234,13 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
         None => {
             a.push((
                 "http.request.method_original",
-                Value::Str(req.method.clone().into()),
+                Value::Str(req.method.clone()),
             ));
             Text::Static("_OTHER")
         }
     };
     a.push(("http.request.method", Value::Str(method)));
-    let (path, query) = if req.method == "CONNECT" {
+    let (path, query) = if &*req.method == "CONNECT" {
         ("", None)
     } else {
         split_target(&req.target)

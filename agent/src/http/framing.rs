@@ -11,6 +11,8 @@
 
 use std::mem::MaybeUninit;
 
+use super::attributes::{self, Text};
+
 /// Largest head accepted; larger ones are counted and skipped.
 pub const MAX_HEAD: usize = 96 * 1024;
 /// Most header fields parsed in one head.
@@ -45,7 +47,7 @@ pub const KEPT_HEADERS: &[&str] = &[
 pub struct Head {
     pub kind: Option<MessageKind>,
     /// Request method (requests only).
-    pub method: String,
+    pub method: Text,
     /// Request target as sent: origin-form path and query, absolute-form URL, or authority.
     pub target: String,
     /// Status code (responses only).
@@ -586,7 +588,7 @@ fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
             let mut req = httparse::Request::new(&mut []);
             let status = config.parse_request_with_uninit_headers(&mut req, buf, &mut fields);
             if let Ok(httparse::Status::Complete(_)) = status {
-                head.method = req.method.unwrap_or_default().to_string();
+                head.method = attributes::method_text(req.method.unwrap_or_default());
                 head.target = req.path.unwrap_or_default().to_string();
                 head.version = req.version.unwrap_or(1);
                 fill_fields(&mut head, req.headers);

@@ -155,7 +155,7 @@ fn process_alive(proc_root: &std::path::Path, pid: u32) -> bool {
 /// An OTLP/HTTP export request (`POST /v1/traces`, `/v1/metrics`, `/v1/logs`).
 fn is_telemetry_export(head: &Head) -> bool {
     let (path, _) = attributes::split_target(&head.target);
-    head.method == "POST" && matches!(path, "/v1/traces" | "/v1/metrics" | "/v1/logs")
+    &*head.method == "POST" && matches!(path, "/v1/traces" | "/v1/metrics" | "/v1/logs")
 }
 
 #[derive(Clone, Debug)]
@@ -593,7 +593,7 @@ impl Stitcher {
                     let method = pending
                         .iter()
                         .find(|p| p.status.is_none())
-                        .map(|p| p.head.method.as_str());
+                        .map(|p| &*p.head.method);
                     framing::response_body(head, method)
                 }
             };
@@ -897,7 +897,7 @@ impl Stitcher {
         };
         let mut attrs = attributes::attributes(&ex);
         let error = attributes::error(&ex);
-        let route = (p.head.method != "CONNECT").then(|| {
+        let route = (&*p.head.method != "CONNECT").then(|| {
             self.routes
                 .route(attributes::split_target(&p.head.target).0)
         });
