@@ -152,6 +152,7 @@ fn round(records: &[Vec<u8>]) -> (f64, f64, usize) {
 fn main() {
     // The agent's allocator settings (the purge delay), as `wirespan run` sets them.
     wirespan::configure_allocator();
+    wirespan::settle_allocator();
     let requests: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

@@ -35,7 +35,8 @@ unsafe extern "C" {
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (the same index in v2 and v3).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// How long memory the allocator freed stays mapped before it goes back to the system.
+/// How long memory the allocator freed stays mapped before it goes back to the system, once
+/// the programs are loaded ([`settle_allocator`]).
 ///
 /// Returned at once (0), memory freed at saturation was faulted in again moments later: a
 /// tenth of the agent's CPU went to page faults, zeroing pages and the TLB flushes of giving
@@ -44,10 +45,24 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 /// event loop on its tick, the runtime's workers when they park).
 pub const PURGE_DELAY_MS: i64 = 1000;
 
-/// Sets the allocator's options; call first in `main`.
+/// Sets the allocator's options for start-up; call first in `main`.
+///
+/// Until the programs are loaded, what is freed goes back at once: reading the kernel's BTF
+/// and loading the programs allocate and free tens of MiB in 2-3 s, and kept for the delay
+/// that made a start-up peak of 45 MiB (29 MiB given back at once).
 pub fn configure_allocator() {
+    set_purge_delay(0);
+}
+
+/// The allocator's options for the agent's steady work, once the programs are loaded: freed
+/// memory is kept for [`PURGE_DELAY_MS`].
+pub fn settle_allocator() {
+    set_purge_delay(PURGE_DELAY_MS);
+}
+
+fn set_purge_delay(ms: i64) {
     // SAFETY: mi_option_set has no preconditions; the option index is checked by a test.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as std::ffi::c_long) };
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, ms as std::ffi::c_long) };
 }
 
 /// Gives back to the system the memory freed more than [`PURGE_DELAY_MS`] ago (process wide),

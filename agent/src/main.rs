@@ -409,6 +409,7 @@ fn start_capture(config: &Config, inert: bool) -> anyhow::Result<Capture> {
             std::process::exit(1);
         }
     };
+    wirespan::settle_allocator();
     Ok(capture)
 }
 
