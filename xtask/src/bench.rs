@@ -193,6 +193,15 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, u64, usize)> {
     ))
 }
 
+/// Proportional set size in KiB: the RSS with each page divided among its mappings. The ring
+/// buffer's data pages are mapped twice in the agent (so a record that wraps around reads as
+/// one piece): RSS counts them twice, PSS and the cgroup's memory once.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map(|s| status_number(&s, "Pss:"))
+        .unwrap_or(0)
+}
+
 /// The first number after `key` in a /proc status file (0 if absent).
 fn status_number(status: &str, key: &str) -> u64 {
     status
@@ -383,6 +392,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
             m.insert("requests", w.requests as f64);
             if let Some(a) = agent {
                 let (cpu, rss, hwm, _) = a.usage()?;
+                let pss = pss_kib(a.proc.pid());
                 let cpu_run = cpu - cpu_before.map(|c| c.0).unwrap_or(0);
                 let woken = wakeups(a.proc.pid()).saturating_sub(wakeups_before);
                 let summary = a.stop();
@@ -395,6 +405,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                     bpf_ns as f64 / w.requests.max(1) as f64,
                 );
                 m.insert("rss_kib", rss as f64);
+                m.insert("pss_kib", pss as f64);
                 m.insert("peak_rss_kib", hwm as f64);
                 m.insert("agent_cpu_s", cpu_run as f64 / 1e9);
                 m.insert(
@@ -441,6 +452,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
         "bpf_ns_per_request",
         "agent_cpu_ns_per_span",
         "rss_kib",
+        "pss_kib",
         "peak_rss_kib",
         "spans_per_request",
         "spans_dropped",
@@ -799,12 +811,13 @@ fn print_nginx(r: &Value) {
     }
     let w = &n["wirespan"];
     println!(
-        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
+        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB; PSS {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
         num(&w["bpf_ns_per_request"]),
         num(&n["floor"]["bpf_ns_per_request"]),
         num(&w["agent_cpu_ns_per_span"]),
         num(&w["rss_kib"]) / 1024.0,
         num(&w["peak_rss_kib"]) / 1024.0,
+        num(&w["pss_kib"]) / 1024.0,
         num(&w["spans_per_request"]),
         num(&w["spans_dropped"]),
         num(&w["agent_wakeups_per_1k_requests"]),
