@@ -78,10 +78,6 @@ const KNOWN_METHODS: &[&str] = &[
     "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY",
 ];
 
-pub fn known_method(method: &str) -> bool {
-    registered_method(method).is_some()
-}
-
 /// The registry's spelling of a known method.
 fn registered_method(method: &str) -> Option<&'static str> {
     KNOWN_METHODS.iter().find(|m| **m == method).copied()
