@@ -478,6 +478,7 @@ fn exchange<'a>(side: Side, req: &'a Head, outcome: Outcome) -> Exchange<'a> {
     Exchange {
         side,
         request: req,
+        target: attributes::target_parts(req),
         response_status: match outcome {
             Outcome::Response(c) => Some(c),
             _ => None,
@@ -662,4 +663,50 @@ fn host_fields_split_into_name_and_port() {
     // Unbracketed IPv6 has no port to split off; a port that is not a number stays.
     assert_eq!(split("::1"), s("::1", None));
     assert_eq!(split("h:x"), s("h:x", None));
+}
+
+#[test]
+fn header_fields_decide_framing_whatever_their_case_and_spacing() {
+    let (out, s) = run(
+        MessageKind::Request,
+        "",
+        &[b"POST / HTTP/1.1\r\nHOST:  shop.local \r\nContent-Length: 5 , 5\r\nX-Other: y\r\nConnection: Keep-Alive, Close\r\nExpect: 100-Continue\r\n\r\nhello"],
+    );
+    let h = heads(&out)[0];
+    assert_eq!(
+        h.content_length,
+        Some(5),
+        "repeated identical lengths are one"
+    );
+    assert!(h.close && h.expect_continue && !h.invalid_framing);
+    // Kept fields only, names lowercase, values without the spaces around them.
+    assert_eq!(h.headers, [("host", "shop.local".to_string())]);
+    assert_eq!(s.stats.malformed, 0);
+    let (out, _) = run(
+        MessageKind::Response,
+        "GET",
+        &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\nContent-Length: 7\r\n\r\n0\r\n\r\n"],
+    );
+    let h = heads(&out)[0];
+    assert!(h.chunked, "the last coding is chunked");
+    assert_eq!(
+        h.content_length, None,
+        "Transfer-Encoding wins over Content-Length"
+    );
+    assert_eq!(ends(&out), [(1, 0, true)]);
+    let (out, _) = run(
+        MessageKind::Request,
+        "",
+        &[b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"],
+    );
+    assert!(!heads(&out)[0].close, "HTTP/1.0 with keep-alive stays open");
+    // A length that cannot be read, differing repeats, a request coding other than chunked.
+    for bad in [
+        &b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nContent-Length: five\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ] {
+        let (_, s) = run(MessageKind::Request, "", &[bad]);
+        assert_eq!(s.stats.malformed, 1, "{}", String::from_utf8_lossy(bad));
+    }
 }
