@@ -1,7 +1,7 @@
 //! Span name, attributes and status of one HTTP exchange, by the stable OpenTelemetry HTTP
 //! semantic conventions.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
 use super::framing::Head;
 
@@ -93,13 +93,7 @@ pub fn method_text(method: &str) -> Text {
 pub fn span_name(method: &str, route: Option<&str>) -> Text {
     let m = registered_method(method).unwrap_or("HTTP");
     match route {
-        Some(r) => {
-            let mut name = String::with_capacity(m.len() + 1 + r.len());
-            for part in [m, " ", r] {
-                name.push_str(part);
-            }
-            Text::Owned(name)
-        }
+        Some(r) => Text::Owned([m, " ", r].concat()),
         None => Text::Static(m),
     }
 }
@@ -132,6 +126,11 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
 /// few bytes of a target or a host.
 fn position(s: &str, byte: u8) -> Option<usize> {
     s.bytes().position(|b| b == byte)
+}
+
+/// A request's path and query; none for CONNECT, whose target is an authority.
+pub fn target_parts(req: &Head) -> Option<(&str, Option<&str>)> {
+    (&*req.method != "CONNECT").then(|| split_target(&req.target))
 }
 
 /// Keeps query parameter names and replaces every value with `REDACTED`.
@@ -188,6 +187,8 @@ pub enum Outcome {
 pub struct Exchange<'a> {
     pub side: Side,
     pub request: &'a Head,
+    /// [`target_parts`] of the request.
+    pub target: Option<(&'a str, Option<&'a str>)>,
     pub response_status: Option<u16>,
     pub outcome: Outcome,
     pub local: SocketAddr,
@@ -236,11 +237,7 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
         }
     };
     a.push(("http.request.method", Value::Str(method)));
-    let (path, query) = if &*req.method == "CONNECT" {
-        ("", None)
-    } else {
-        split_target(&req.target)
-    };
+    let (path, query) = ex.target.unwrap_or(("", None));
     let query = query.map(|q| {
         if ex.redact_query {
             redact_query(q)
@@ -266,25 +263,14 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
             a.push(("client.port", Value::Int(ex.remote.port() as i64)));
         }
         Side::Client => {
-            let remote;
-            let authority = match req.header("host") {
-                Some(h) => h,
-                None => {
-                    remote = ex.remote.to_string();
-                    &remote
-                }
+            let authority: Cow<'_, str> = match req.header("host") {
+                Some(h) => h.into(),
+                None => ex.remote.to_string().into(),
             };
-            let q = query.as_deref();
-            let mut full = String::with_capacity(
-                "http://".len() + authority.len() + path.len() + q.map_or(0, |q| 1 + q.len()),
-            );
-            for part in ["http://", authority, path] {
-                full.push_str(part);
-            }
-            if let Some(q) = q {
-                full.push('?');
-                full.push_str(q);
-            }
+            let full = match query.as_deref() {
+                Some(q) => ["http://", &authority, path, "?", q].concat(),
+                None => ["http://", &authority, path].concat(),
+            };
             a.push(("url.full", Value::Str(full.into())));
             a.push(("url.path", Value::Str(path.to_string().into())));
             if let Some(q) = query {

@@ -879,9 +879,11 @@ impl Stitcher {
         response_body: u64,
         out: &mut Vec<Span>,
     ) {
+        let target = attributes::target_parts(&p.head);
         let ex = Exchange {
             side,
             request: &p.head,
+            target,
             response_status: match outcome {
                 Outcome::Response(c) => Some(c),
                 Outcome::CutOff => p.status,
@@ -897,10 +899,7 @@ impl Stitcher {
         };
         let mut attrs = attributes::attributes(&ex);
         let error = attributes::error(&ex);
-        let route = (&*p.head.method != "CONNECT").then(|| {
-            self.routes
-                .route(attributes::split_target(&p.head.target).0)
-        });
+        let route = target.map(|(path, _)| self.routes.route(path));
         let name = attributes::span_name(&p.head.method, route.as_deref());
         if let Some(r) = route {
             let key = match side {
