@@ -138,7 +138,7 @@ fn round(records: &[Vec<u8>]) -> (f64, f64, usize) {
                 resource: resource.clone(),
                 spans: batch.iter().collect(),
             }];
-            bytes += wire::request(&groups, &scope).len();
+            bytes += wire::request(&groups, &scope).grpc().len();
             total += batch.len();
         }
         encode += thread_cpu() - t1;

@@ -1,4 +1,4 @@
-//! Sending spans: over OTLP (gRPC by tonic, or HTTP/protobuf by reqwest) to any backend, or
+//! Sending spans: over OTLP (gRPC on tonic's transport, or HTTP/protobuf by reqwest) to any backend, or
 //! into the embedded in-memory store behind the Jaeger UI (`otlp-embedded`).
 //!
 //! Spans are encoded straight into OTLP protobuf bytes ([`wire`]): no SDK span objects or
@@ -21,9 +21,10 @@ use anyhow::Context as _;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::{
     Message as _,
-    bytes::{Buf as _, BufMut as _, Bytes},
+    bytes::{Buf as _, Bytes},
 };
 use tokio::sync::mpsc;
+use tonic::codegen::http;
 
 use crate::trace::{Span, process::ProcessInfo};
 
@@ -257,10 +258,10 @@ enum Sink {
 
 impl Sink {
     /// Sends one encoded `ExportTraceServiceRequest`.
-    async fn export(self, request: Bytes) -> anyhow::Result<()> {
+    async fn export(self, request: wire::Request) -> anyhow::Result<()> {
         match self {
             Sink::Otlp(t) => t.export(request).await,
-            Sink::Embedded(service) => embedded_export(&service, request).await,
+            Sink::Embedded(service) => embedded_export(&service, request.message()).await,
         }
     }
 }
@@ -269,8 +270,8 @@ impl Sink {
 enum Transport {
     Grpc {
         channel: tonic::transport::Channel,
-        headers: tonic::metadata::MetadataMap,
-        timeout: Duration,
+        /// gRPC's and the configured headers of every call.
+        headers: http::HeaderMap,
     },
     Http {
         client: reqwest::Client,
@@ -322,19 +323,9 @@ impl Transport {
                     .connect_timeout(Duration::from_secs(5))
                     .timeout(timeout)
                     .connect_lazy();
-                let mut metadata = tonic::metadata::MetadataMap::new();
-                for (k, v) in headers {
-                    let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
-                        .with_context(|| format!("OTLP header name {k}"))?;
-                    let value = v
-                        .parse()
-                        .with_context(|| format!("OTLP header {k}: not a valid value"))?;
-                    metadata.insert(key, value);
-                }
                 Self::Grpc {
                     channel,
-                    headers: metadata,
-                    timeout,
+                    headers: grpc_headers(headers, timeout)?,
                 }
             }
             OtlpProtocol::HttpProtobuf => {
@@ -370,36 +361,10 @@ impl Transport {
         })
     }
 
-    async fn export(&self, request: Bytes) -> anyhow::Result<()> {
+    async fn export(&self, request: wire::Request) -> anyhow::Result<()> {
         match self {
-            Self::Grpc {
-                channel,
-                headers,
-                timeout,
-            } => {
-                let mut req = tonic::Request::new(request);
-                *req.metadata_mut() = headers.clone();
-                req.set_timeout(*timeout);
-                // A handle on the same connection.
-                let mut grpc = tonic::client::Grpc::new(channel.clone());
-                grpc.ready()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("OTLP/gRPC: {e}"))?;
-                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
-                let resp = grpc
-                    .unary(req, path, EncodedCodec)
-                    .await
-                    .map_err(|s| anyhow::anyhow!("OTLP/gRPC: {:?}: {}", s.code(), s.message()))?;
-                if let Some(p) = resp.into_inner().partial_success
-                    && p.rejected_spans > 0
-                {
-                    anyhow::bail!(
-                        "the backend rejected {} spans: {}",
-                        p.rejected_spans,
-                        p.error_message
-                    );
-                }
-                Ok(())
+            Self::Grpc { channel, headers } => {
+                grpc_export(channel.clone(), headers.clone(), request.grpc()).await
             }
             Self::Http {
                 client,
@@ -411,7 +376,7 @@ impl Transport {
                     .post(url)
                     .headers(headers.clone())
                     .timeout(*timeout)
-                    .body(request)
+                    .body(request.message())
                     .send()
                     .await?;
                 let status = resp.status();
@@ -431,51 +396,119 @@ impl Transport {
 /// The OTLP trace service's one method.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-/// gRPC codec for a request encoded already ([`wire`]) and the service's response.
-#[derive(Clone, Copy, Default)]
-struct EncodedCodec;
-
-impl tonic::codec::Codec for EncodedCodec {
-    type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = Self;
-    type Decoder = Self;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        Self
+/// The headers of every export call: gRPC's, the deadline, and the configured ones.
+fn grpc_headers(
+    configured: Vec<(String, String)>,
+    timeout: Duration,
+) -> anyhow::Result<http::HeaderMap> {
+    use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, TE};
+    let mut map = http::HeaderMap::new();
+    for (k, v) in configured {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .with_context(|| format!("OTLP header name {k}"))?;
+        let value = HeaderValue::from_str(&v)
+            .with_context(|| format!("OTLP header {k}: not a valid value"))?;
+        map.insert(name, value);
     }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        Self
-    }
+    map.insert(TE, HeaderValue::from_static("trailers"));
+    map.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    // The server may stop working on a call the agent gave up on (milliseconds: 8 digits at
+    // most for a day).
+    let millis = timeout.as_millis().clamp(1, 99_999_999);
+    map.insert(
+        HeaderName::from_static("grpc-timeout"),
+        HeaderValue::from_str(&format!("{millis}m")).expect("digits and a unit"),
+    );
+    Ok(map)
 }
 
-impl tonic::codec::Encoder for EncodedCodec {
-    type Item = Bytes;
-    type Error = tonic::Status;
+/// One unary `TraceService/Export` call on the channel's connection. The body is the request
+/// already prefixed ([`wire::Request::grpc`]), handed to the transport as it is: tonic's
+/// client would copy it into its own buffer first.
+async fn grpc_export(
+    mut channel: tonic::transport::Channel,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> anyhow::Result<()> {
+    use http_body_util::BodyExt as _;
+    use tonic::codegen::Service as _;
 
-    fn encode(
-        &mut self,
-        item: Bytes,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        dst.put(item);
-        Ok(())
+    let mut call = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(body)));
+    *call.method_mut() = http::Method::POST;
+    // The channel puts the endpoint's scheme and authority in front.
+    *call.uri_mut() = http::Uri::from_static(EXPORT_PATH);
+    *call.version_mut() = http::Version::HTTP_2;
+    *call.headers_mut() = headers;
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| anyhow::anyhow!("OTLP/gRPC: {e}"))?;
+    let response = channel
+        .call(call)
+        .await
+        .map_err(|e| anyhow::anyhow!("OTLP/gRPC: {e}"))?;
+    let (head, body) = response.into_parts();
+    // A call that failed at once answers with its status in the headers and no body.
+    if let Some(status) = tonic::Status::from_header_map(&head.headers) {
+        grpc_ok(&status)?;
     }
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("OTLP/gRPC response: {e}"))?;
+    let trailers_status = body.trailers().and_then(tonic::Status::from_header_map);
+    match trailers_status {
+        Some(status) => grpc_ok(&status)?,
+        None if !head.status.is_success() => {
+            anyhow::bail!("OTLP/gRPC: HTTP status {}", head.status)
+        }
+        None if !head.headers.contains_key("grpc-status") => {
+            anyhow::bail!("OTLP/gRPC: the response ended without a grpc-status")
+        }
+        None => {}
+    }
+    let response = grpc_message(body.to_bytes())?;
+    if let Some(p) = response.partial_success
+        && p.rejected_spans > 0
+    {
+        anyhow::bail!(
+            "the backend rejected {} spans: {}",
+            p.rejected_spans,
+            p.error_message
+        );
+    }
+    Ok(())
 }
 
-impl tonic::codec::Decoder for EncodedCodec {
-    type Item = ExportTraceServiceResponse;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Self::Item>, tonic::Status> {
-        let item = ExportTraceServiceResponse::decode(src.copy_to_bytes(src.remaining()))
-            .map_err(|e| tonic::Status::internal(format!("OTLP response: {e}")))?;
-        Ok(Some(item))
+fn grpc_ok(status: &tonic::Status) -> anyhow::Result<()> {
+    if status.code() == tonic::Code::Ok {
+        return Ok(());
     }
+    anyhow::bail!("OTLP/gRPC: {:?}: {}", status.code(), status.message())
+}
+
+/// The `ExportTraceServiceResponse` in a response body: one prefixed message, or none (a
+/// trailers-only answer).
+fn grpc_message(mut data: Bytes) -> anyhow::Result<ExportTraceServiceResponse> {
+    if data.is_empty() {
+        return Ok(ExportTraceServiceResponse::default());
+    }
+    anyhow::ensure!(
+        data.len() >= wire::GRPC_PREFIX,
+        "OTLP/gRPC response: {} bytes, shorter than a message prefix",
+        data.len()
+    );
+    let compressed = data.get_u8();
+    let len = data.get_u32() as usize;
+    anyhow::ensure!(
+        compressed == 0,
+        "OTLP/gRPC response: compressed, which the agent never accepts"
+    );
+    anyhow::ensure!(
+        len == data.len(),
+        "OTLP/gRPC response: a message of {len} bytes announced, {} received",
+        data.len()
+    );
+    ExportTraceServiceResponse::decode(data).context("OTLP/gRPC response")
 }
 
 async fn run(
@@ -600,7 +633,7 @@ impl Resources {
 
     /// One encoded `ExportTraceServiceRequest` for a batch: a resource per process, one scope,
     /// the spans.
-    fn request(&mut self, spans: &[Span]) -> Bytes {
+    fn request(&mut self, spans: &[Span]) -> wire::Request {
         let mut owners: Vec<&Arc<ProcessInfo>> = Vec::new();
         let mut groups: Vec<wire::Group<'_>> = Vec::new();
         for s in spans {
@@ -619,7 +652,7 @@ impl Resources {
                 }
             }
         }
-        wire::request(&groups, &self.scope).into()
+        wire::request(&groups, &self.scope)
     }
 }
 
@@ -661,6 +694,164 @@ mod tests {
             trace_state: None,
             process: info.clone(),
         }
+    }
+
+    /// How the test's trace service answers a call.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        Accept,
+        Refuse,
+        RejectSome,
+    }
+
+    /// What the service saw of one call: spans, the test header, the deadline header.
+    type Seen = Arc<std::sync::Mutex<Vec<(usize, Option<String>, Option<String>)>>>;
+
+    /// A real gRPC trace service (tonic's server and the generated service).
+    #[derive(Clone)]
+    struct TestService {
+        answer: Answer,
+        seen: Seen,
+    }
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+        for TestService
+    {
+        async fn export(
+            &self,
+            request: tonic::Request<
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+            >,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+            let header = |k: &str| {
+                request
+                    .metadata()
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from)
+            };
+            let (test, deadline) = (header("x-wirespan-test"), header("grpc-timeout"));
+            let spans = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.seen.lock().unwrap().push((spans, test, deadline));
+            match self.answer {
+                Answer::Accept => Ok(tonic::Response::new(ExportTraceServiceResponse {
+                    partial_success: None,
+                })),
+                Answer::Refuse => Err(tonic::Status::resource_exhausted("too much, slow down")),
+                Answer::RejectSome => Ok(tonic::Response::new(ExportTraceServiceResponse {
+                    partial_success: Some(ExportTracePartialSuccess {
+                        rejected_spans: 2,
+                        error_message: "spans too old".into(),
+                    }),
+                })),
+            }
+        }
+    }
+
+    /// Serves a `TestService` on a loopback port; the transport the agent would build for it.
+    async fn grpc_service(answer: Answer) -> (Transport, Seen) {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Seen::default();
+        let service = TraceServiceServer::new(TestService {
+            answer,
+            seen: seen.clone(),
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let config = OtlpConfig {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: Some(format!("http://{addr}")),
+            traces_endpoint: None,
+            timeout: Some(Duration::from_millis(2500)),
+        };
+        let env = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_HEADERS" => Ok("x-wirespan-test=from%20env".to_string()),
+            _ => Err(std::env::VarError::NotPresent),
+        };
+        let batching = Batching::from_env(|_| None).unwrap();
+        (Transport::new(&config, &batching, &env).unwrap(), seen)
+    }
+
+    #[tokio::test]
+    async fn grpc_export_sends_the_batch_and_reads_the_answer() {
+        let info = Arc::new(ProcessInfo {
+            pid: 1,
+            service_name: "s".into(),
+            ..Default::default()
+        });
+        let batch: Vec<Span> = (1..=3).map(|i| plain_span(&info, i)).collect();
+        let mut resources = Resources::new("host".into());
+
+        let (accepting, seen) = grpc_service(Answer::Accept).await;
+        accepting.export(resources.request(&batch)).await.unwrap();
+        accepting
+            .export(resources.request(&batch[..1]))
+            .await
+            .unwrap();
+        let from_env = Some("from env".to_string());
+        let deadline = Some("2500m".to_string());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                (3, from_env.clone(), deadline.clone()),
+                (1, from_env.clone(), deadline.clone())
+            ]
+        );
+
+        // An error status in the answer (tonic sends it in the headers, with no body).
+        let (refusing, seen) = grpc_service(Answer::Refuse).await;
+        let e = refusing
+            .export(resources.request(&batch))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "OTLP/gRPC: ResourceExhausted: too much, slow down"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+
+        // A partial success is a failure of the spans it names.
+        let (rejecting, _) = grpc_service(Answer::RejectSome).await;
+        let e = rejecting
+            .export(resources.request(&batch))
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "the backend rejected 2 spans: spans too old");
+    }
+
+    #[test]
+    fn grpc_answers_are_one_plain_message_or_none() {
+        let message = ExportTraceServiceResponse::default().encode_to_vec();
+        let framed = |flag: u8, len: u32, message: &[u8]| {
+            let mut b = vec![flag];
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(message);
+            Bytes::from(b)
+        };
+        assert!(grpc_message(Bytes::new()).is_ok());
+        assert!(grpc_message(framed(0, message.len() as u32, &message)).is_ok());
+        let e = grpc_message(Bytes::from_static(&[0, 0])).unwrap_err();
+        assert!(
+            e.to_string().contains("shorter than a message prefix"),
+            "{e}"
+        );
+        let e = grpc_message(framed(1, message.len() as u32, &message)).unwrap_err();
+        assert!(e.to_string().contains("compressed"), "{e}");
+        let e = grpc_message(framed(0, 40, &message)).unwrap_err();
+        assert!(e.to_string().contains("40 bytes announced"), "{e}");
     }
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
@@ -705,7 +896,7 @@ mod tests {
         let a2 = process(3, "svc");
         let mut r = Resources::new("h".into());
         let batch = [plain_span(&a, 1), plain_span(&b, 2), plain_span(&a2, 3)];
-        let req = ExportTraceServiceRequest::decode(r.request(&batch)).unwrap();
+        let req = ExportTraceServiceRequest::decode(r.request(&batch).message()).unwrap();
         assert_eq!(req.resource_spans.len(), 2);
         let service = |i: usize| {
             req.resource_spans[i]

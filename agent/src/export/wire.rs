@@ -8,9 +8,13 @@
 //!
 //! Every message's length is computed before it is written (protobuf puts lengths in front),
 //! so nothing is written twice and nothing is moved; each message goes into a zeroed buffer of
-//! exactly that size through a cursor, and a length that disagrees fails the write.
+//! exactly that size through a cursor, and a length that disagrees fails the write. An export
+//! request is written behind room for gRPC's message prefix, so the one buffer goes out as it
+//! is, over gRPC or as an HTTP body, without being copied into the transport's own.
 
 use std::sync::Arc;
+
+use prost::bytes::Bytes;
 
 use crate::{
     http::attributes::{Side, Value},
@@ -249,8 +253,28 @@ pub struct Group<'a> {
     pub spans: Vec<&'a Span>,
 }
 
-/// An encoded `ExportTraceServiceRequest`, in one allocation of its exact size.
-pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
+/// gRPC's prefix before a message on its stream: a compression flag and the message's length
+/// (big-endian).
+pub const GRPC_PREFIX: usize = 5;
+
+/// An encoded `ExportTraceServiceRequest` after its gRPC prefix, in one allocation.
+pub struct Request(Bytes);
+
+impl Request {
+    /// The prefixed message: the whole body of a gRPC call.
+    pub fn grpc(self) -> Bytes {
+        self.0
+    }
+
+    /// The message alone (an OTLP/HTTP body), the same bytes.
+    pub fn message(self) -> Bytes {
+        self.0.slice(GRPC_PREFIX..)
+    }
+}
+
+/// An encoded `ExportTraceServiceRequest` behind its gRPC prefix, in one allocation of their
+/// exact size.
+pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Request {
     let lens: Vec<usize> = groups
         .iter()
         .flat_map(|g| g.spans.iter().map(|s| span_len(s)))
@@ -269,7 +293,10 @@ pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
         total += len_field(1, resource_spans);
         sizes.push((resource_spans, scope_spans));
     }
-    encoded(total, |out| {
+    let message_len = u32::try_from(total).expect("a batch's request is far below 4 GiB");
+    let buf = encoded(GRPC_PREFIX + total, |out| {
+        out.byte(0);
+        out.slice(&message_len.to_be_bytes());
         let mut next = lens.iter();
         for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
             put_len(out, 1, resource_spans);
@@ -281,7 +308,8 @@ pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Vec<u8> {
                 put_span(out, s, n);
             }
         }
-    })
+    });
+    Request(buf.into())
 }
 
 #[cfg(test)]
@@ -316,7 +344,7 @@ mod tests {
     }
 
     fn decode(groups: &[Group<'_>]) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest::decode(request(groups, &scope()).as_slice())
+        ExportTraceServiceRequest::decode(request(groups, &scope()).message())
             .expect("a valid OTLP request")
     }
 
@@ -438,5 +466,26 @@ mod tests {
     #[test]
     fn empty_batch_is_an_empty_request() {
         assert!(decode(&[]).resource_spans.is_empty());
+    }
+
+    #[test]
+    fn grpc_body_is_the_message_behind_its_prefix() {
+        let s = span(
+            false,
+            Some("boom"),
+            vec![("url.path", Value::Str("/a".into()))],
+        );
+        let groups = [Group {
+            resource: resource_of("p"),
+            spans: vec![&s],
+        }];
+        let grpc = request(&groups, &scope()).grpc();
+        let message = request(&groups, &scope()).message();
+        assert_eq!(grpc[0], 0, "not compressed");
+        let len = u32::from_be_bytes(grpc[1..GRPC_PREFIX].try_into().unwrap()) as usize;
+        assert_eq!(len, message.len());
+        assert_eq!(&grpc[GRPC_PREFIX..], &message[..]);
+        let decoded = ExportTraceServiceRequest::decode(message).unwrap();
+        assert_eq!(decoded.resource_spans[0].scope_spans[0].spans.len(), 1);
     }
 }
