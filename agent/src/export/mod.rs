@@ -1,5 +1,5 @@
-//! Sending spans: over OTLP (gRPC on tonic's transport, or HTTP/protobuf by reqwest) to any backend, or
-//! into the embedded in-memory store behind the Jaeger UI (`otlp-embedded`).
+//! Sending spans: over OTLP (gRPC on tonic's transport, or HTTP/protobuf by reqwest) to any
+//! backend, or into the embedded in-memory store behind the Jaeger UI (`otlp-embedded`).
 //!
 //! Spans are encoded straight into OTLP protobuf bytes ([`wire`]): no SDK span objects or
 //! generated messages in between. They go through a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`) to one export

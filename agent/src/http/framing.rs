@@ -390,8 +390,19 @@ impl Stream {
                     let before = buf.len();
                     let room = MAX_HEAD - before;
                     let take = rest.len().min(room);
-                    buf.extend_from_slice(&rest[..take]);
-                    match parse_head(buf, self.kind) {
+                    // A head that begins and ends in one call (nearly every one) is parsed where
+                    // it lies; only a head spread over calls is gathered into `buf`.
+                    let parsed = if before == 0 {
+                        let parsed = parse_head(&rest[..take], self.kind);
+                        if matches!(parsed, Parsed::Partial) {
+                            buf.extend_from_slice(&rest[..take]);
+                        }
+                        parsed
+                    } else {
+                        buf.extend_from_slice(&rest[..take]);
+                        parse_head(buf, self.kind)
+                    };
+                    match parsed {
                         Parsed::Complete(mut head) => {
                             let used = head.len - before;
                             pos += used;

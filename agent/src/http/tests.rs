@@ -73,6 +73,44 @@ fn content_length_body_split_over_calls() {
 }
 
 #[test]
+fn head_spread_over_calls_is_the_head_read_in_one() {
+    // A request and a response, each with a body and the next message in the same bytes.
+    let cases: [(MessageKind, &[u8]); 2] = [
+        (
+            MessageKind::Request,
+            b"POST /orders?id=7 HTTP/1.1\r\nHost: shop:8080\r\nContent-Length: 5\r\n\
+              traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n\
+              helloGET /next HTTP/1.1\r\n\r\n",
+        ),
+        (
+            MessageKind::Response,
+            b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n\
+              okHTTP/1.1 204 No Content\r\n\r\n",
+        ),
+    ];
+    for (kind, bytes) in cases {
+        let (whole, _) = run(kind, "POST", &[bytes]);
+        assert_eq!(heads(&whole).len(), 2, "{whole:?}");
+        let bodies = |out: &[Output]| -> Vec<(u64, bool)> {
+            ends(out).into_iter().map(|(_, b, c)| (b, c)).collect()
+        };
+        // Cut once anywhere, and in three pieces.
+        for cut in 1..bytes.len() {
+            let mid = cut + (bytes.len() - cut) / 2;
+            for calls in [
+                vec![&bytes[..cut], &bytes[cut..]],
+                vec![&bytes[..cut], &bytes[cut..mid], &bytes[mid..]],
+            ] {
+                let (out, s) = run(kind, "POST", &calls);
+                assert_eq!(heads(&out), heads(&whole), "cut at {cut}");
+                assert_eq!(bodies(&out), bodies(&whole), "cut at {cut}");
+                assert_eq!(s.stats, framing::Stats::default(), "cut at {cut}");
+            }
+        }
+    }
+}
+
+#[test]
 fn request_without_body_ends_with_its_head() {
     let (out, _) = run(
         MessageKind::Request,
