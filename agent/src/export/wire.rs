@@ -56,6 +56,14 @@ impl Out<'_> {
         self.pos += 1;
     }
 
+    /// The next `n` bytes, to be written in place.
+    #[inline]
+    fn take(&mut self, n: usize) -> &mut [u8] {
+        let start = self.pos;
+        self.pos += n;
+        &mut self.buf[start..self.pos]
+    }
+
     #[inline]
     fn slice(&mut self, b: &[u8]) {
         let end = self.pos + b.len();
@@ -132,7 +140,40 @@ fn key_value_len(key: &str, v: &Value) -> usize {
 
 fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
     let any = any_value_len(v);
-    put_len(buf, field, len_field(1, key.len()) + len_field(2, any));
+    let content = len_field(1, key.len()) + len_field(2, any);
+    if content < 0x80 && field < 16 {
+        // Nearly every attribute: every tag and length inside is one byte, and the field's
+        // bytes are taken at once and filled in place.
+        let dst = buf.take(2 + content);
+        dst[0] = (field << 3 | LEN) as u8;
+        dst[1] = content as u8;
+        dst[2] = (1 << 3 | LEN) as u8;
+        dst[3] = key.len() as u8;
+        let (k, rest) = dst[4..].split_at_mut(key.len());
+        k.copy_from_slice(key.as_bytes());
+        rest[0] = (2 << 3 | LEN) as u8;
+        rest[1] = any as u8;
+        match v {
+            Value::Str(s) => {
+                rest[2] = (1 << 3 | LEN) as u8;
+                rest[3] = s.len() as u8;
+                rest[4..].copy_from_slice(s.as_bytes());
+            }
+            Value::Int(i) => {
+                rest[2] = (3 << 3 | VARINT) as u8;
+                let mut v = *i as u64;
+                for b in &mut rest[3..] {
+                    *b = v as u8 | 0x80;
+                    v >>= 7;
+                }
+                if let Some(last) = rest.last_mut() {
+                    *last &= 0x7f;
+                }
+            }
+        }
+        return;
+    }
+    put_len(buf, field, content);
     put_bytes(buf, 1, key.as_bytes());
     put_len(buf, 2, any);
     match v {
@@ -457,6 +498,37 @@ mod tests {
         let unset = &r.scope_spans[0].spans[0];
         assert!(unset.name.is_empty());
         assert_eq!(unset.status, None, "no status: unset");
+    }
+
+    #[test]
+    fn attribute_lengths_either_side_of_one_byte() {
+        // An attribute's content is its key and value plus 6 bytes: 127 is the largest whose
+        // lengths all fit in one byte each.
+        let values: Vec<String> = (110..=125).map(|n| "v".repeat(n)).collect();
+        let mut attributes: Vec<(&'static str, Value)> = values
+            .iter()
+            .map(|v| ("edge", Value::Str(v.clone().into())))
+            .collect();
+        for i in [i64::MIN, -1, 0, 127, 128, 1 << 40, i64::MAX] {
+            attributes.push(("int", Value::Int(i)));
+        }
+        attributes.push(("k".repeat(120).leak(), Value::Int(1 << 20)));
+        let s = span(false, None, attributes.clone());
+        let groups = [Group {
+            resource: resource_of("p"),
+            spans: vec![&s],
+        }];
+        let req = decode(&groups);
+        let got = &req.resource_spans[0].scope_spans[0].spans[0].attributes;
+        assert_eq!(got.len(), attributes.len());
+        for (g, (k, v)) in got.iter().zip(&attributes) {
+            assert_eq!(g.key, *k);
+            let want = match v {
+                Value::Str(t) => any_value::Value::StringValue(t.to_string()),
+                Value::Int(i) => any_value::Value::IntValue(*i),
+            };
+            assert_eq!(g.value.as_ref().unwrap().value, Some(want));
+        }
     }
 
     fn resource_of(name: &str) -> Arc<[u8]> {

@@ -290,6 +290,8 @@ pub struct Stitcher {
     assembling: HashMap<u64, Assembling>,
     /// The framing's outputs of one call, kept between calls for its allocation.
     outputs: Vec<Output>,
+    /// `resolve`'s walk up a span's ancestors, kept between spans for its allocation.
+    ancestors: Vec<SpanId>,
     rng: fastrand::Rng,
     last_prune: Instant,
     /// A coarse clock, advanced by `tick`: reading the clock per event costs more than the
@@ -328,6 +330,7 @@ impl Stitcher {
             finished: VecDeque::new(),
             assembling: HashMap::default(),
             outputs: Vec::new(),
+            ancestors: Vec::new(),
             rng: fastrand::Rng::new(),
             last_prune: Instant::now(),
             now: Instant::now(),
@@ -1003,7 +1006,9 @@ impl Stitcher {
         // Walk up to the first ancestor whose trace is settled (or a root), then settle the
         // path top-down. Depth is bounded: a cycle cannot form (parents are older), but a bound
         // keeps a corrupted map from looping.
-        let mut path = vec![id];
+        let mut path = std::mem::take(&mut self.ancestors);
+        path.clear();
+        path.push(id);
         let mut top: Option<Resolved> = None;
         while path.len() < 256 {
             let cur = *path.last().unwrap_or(&id);
@@ -1037,6 +1042,7 @@ impl Stitcher {
             }
             above = Some(r);
         }
+        self.ancestors = path;
         above.unwrap_or(Resolved {
             trace_id: [0; 16],
             sampled: false,
