@@ -7,12 +7,12 @@
 //! types, so a wrong field number or length fails them.
 //!
 //! Every message's length is computed before it is written (protobuf puts lengths in front),
-//! so nothing is written twice and nothing is moved; each message goes into a zeroed buffer of
+//! so nothing is written twice and nothing is moved; each message goes into a buffer of
 //! exactly that size through a cursor, and a length that disagrees fails the write. An export
 //! request is written behind room for gRPC's message prefix, so the one buffer goes out as it
 //! is, over gRPC or as an HTTP body, without being copied into the transport's own.
 
-use std::sync::Arc;
+use std::{mem::MaybeUninit, sync::Arc};
 
 use prost::bytes::Bytes;
 
@@ -42,45 +42,41 @@ fn varint_len(v: u64) -> usize {
 }
 
 /// A message being written into a buffer of the size computed for it beforehand: a cursor
-/// over initialised bytes, so each write is a store and a bounds check, with no capacity check
-/// or length update of a growing `Vec` per byte.
+/// over the buffer's bytes, so each write is a store and a bounds check, with no capacity
+/// check or length update of a growing `Vec` per byte. `pos` only ever advances over bytes
+/// just written (`byte`, `slice`): the bytes before it are initialised.
 struct Out<'a> {
-    buf: &'a mut [u8],
+    buf: &'a mut [MaybeUninit<u8>],
     pos: usize,
 }
 
 impl Out<'_> {
     #[inline]
     fn byte(&mut self, b: u8) {
-        self.buf[self.pos] = b;
+        self.buf[self.pos].write(b);
         self.pos += 1;
-    }
-
-    /// The next `n` bytes, to be written in place.
-    #[inline]
-    fn take(&mut self, n: usize) -> &mut [u8] {
-        let start = self.pos;
-        self.pos += n;
-        &mut self.buf[start..self.pos]
     }
 
     #[inline]
     fn slice(&mut self, b: &[u8]) {
         let end = self.pos + b.len();
-        self.buf[self.pos..end].copy_from_slice(b);
+        self.buf[self.pos..end].write_copy_of_slice(b);
         self.pos = end;
     }
 }
 
-/// A buffer of exactly `len` bytes, filled by `write`.
+/// A buffer of exactly `len` bytes, filled by `write`; not zeroed first (a batch's request is
+/// hundreds of KiB, each written once).
 fn encoded(len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
-    let mut buf = vec![0; len];
+    let mut buf = Vec::with_capacity(len);
     let mut out = Out {
-        buf: &mut buf,
+        buf: &mut buf.spare_capacity_mut()[..len],
         pos: 0,
     };
     write(&mut out);
     assert_eq!(out.pos, len, "length computed and written differ");
+    // SAFETY: `Out` advances `pos` only over bytes it wrote, and it reached `len`.
+    unsafe { buf.set_len(len) };
     buf
 }
 
@@ -142,33 +138,28 @@ fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
     let any = any_value_len(v);
     let content = len_field(1, key.len()) + len_field(2, any);
     if content < 0x80 && field < 16 {
-        // Nearly every attribute: every tag and length inside is one byte, and the field's
-        // bytes are taken at once and filled in place.
-        let dst = buf.take(2 + content);
-        dst[0] = (field << 3 | LEN) as u8;
-        dst[1] = content as u8;
-        dst[2] = (1 << 3 | LEN) as u8;
-        dst[3] = key.len() as u8;
-        let (k, rest) = dst[4..].split_at_mut(key.len());
-        k.copy_from_slice(key.as_bytes());
-        rest[0] = (2 << 3 | LEN) as u8;
-        rest[1] = any as u8;
+        // Nearly every attribute: every tag and length inside is one byte, written four at
+        // a time.
+        buf.slice(&[
+            (field << 3 | LEN) as u8,
+            content as u8,
+            (1 << 3 | LEN) as u8,
+            key.len() as u8,
+        ]);
+        buf.slice(key.as_bytes());
         match v {
             Value::Str(s) => {
-                rest[2] = (1 << 3 | LEN) as u8;
-                rest[3] = s.len() as u8;
-                rest[4..].copy_from_slice(s.as_bytes());
+                buf.slice(&[
+                    (2 << 3 | LEN) as u8,
+                    any as u8,
+                    (1 << 3 | LEN) as u8,
+                    s.len() as u8,
+                ]);
+                buf.slice(s.as_bytes());
             }
             Value::Int(i) => {
-                rest[2] = (3 << 3 | VARINT) as u8;
-                let mut v = *i as u64;
-                for b in &mut rest[3..] {
-                    *b = v as u8 | 0x80;
-                    v >>= 7;
-                }
-                if let Some(last) = rest.last_mut() {
-                    *last &= 0x7f;
-                }
+                buf.slice(&[(2 << 3 | LEN) as u8, any as u8, (3 << 3 | VARINT) as u8]);
+                put_varint(buf, *i as u64);
             }
         }
         return;
