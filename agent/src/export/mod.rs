@@ -448,16 +448,15 @@ async fn grpc_export(
         .map_err(|e| anyhow::anyhow!("OTLP/gRPC: {e}"))?;
     let (head, body) = response.into_parts();
     // A call that failed at once answers with its status in the headers and no body.
-    if let Some(status) = tonic::Status::from_header_map(&head.headers) {
-        grpc_ok(&status)?;
+    if let Some(status) = grpc_status(&head.headers) {
+        grpc_ok(status)?;
     }
     let body = body
         .collect()
         .await
         .map_err(|e| anyhow::anyhow!("OTLP/gRPC response: {e}"))?;
-    let trailers_status = body.trailers().and_then(tonic::Status::from_header_map);
-    match trailers_status {
-        Some(status) => grpc_ok(&status)?,
+    match body.trailers().and_then(grpc_status) {
+        Some(status) => grpc_ok(status)?,
         None if !head.status.is_success() => {
             anyhow::bail!("OTLP/gRPC: HTTP status {}", head.status)
         }
@@ -479,11 +478,46 @@ async fn grpc_export(
     Ok(())
 }
 
-fn grpc_ok(status: &tonic::Status) -> anyhow::Result<()> {
-    if status.code() == tonic::Code::Ok {
+/// The status in a response's headers or trailers (`grpc-status`, and `grpc-message`
+/// percent-decoded), if they carry one. Read here, not by `tonic::Status::from_header_map`,
+/// which panics on a `grpc-status-details-bin` that is not base64: whatever a backend or a
+/// proxy sends, an export fails and is counted.
+fn grpc_status(headers: &http::HeaderMap) -> Option<(tonic::Code, String)> {
+    let code = tonic::Code::from_bytes(headers.get("grpc-status")?.as_bytes());
+    let message = headers
+        .get("grpc-message")
+        .map(|m| percent_decode(m.as_bytes()))
+        .unwrap_or_default();
+    Some((code, message))
+}
+
+/// `%XX` escapes decoded (gRPC's encoding of `grpc-message`); anything else kept as it is.
+fn percent_decode(bytes: &[u8]) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((hi << 4 | lo) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn grpc_ok((code, message): (tonic::Code, String)) -> anyhow::Result<()> {
+    if code == tonic::Code::Ok {
         return Ok(());
     }
-    anyhow::bail!("OTLP/gRPC: {:?}: {}", status.code(), status.message())
+    anyhow::bail!("OTLP/gRPC: {code:?}: {message}")
 }
 
 /// The `ExportTraceServiceResponse` in a response body: one prefixed message, or none (a
@@ -830,6 +864,34 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.to_string(), "the backend rejected 2 spans: spans too old");
+    }
+
+    #[test]
+    fn grpc_status_is_read_from_any_headers() {
+        let header = |v: &str| http::HeaderValue::from_str(v).unwrap();
+        let mut h = http::HeaderMap::new();
+        assert!(grpc_status(&h).is_none());
+        h.insert("grpc-status", header("8"));
+        h.insert("grpc-message", header("too%20much%2C slow%zz down%4"));
+        // Not base64: tonic's own reader of these headers panics on it.
+        h.insert("grpc-status-details-bin", header("!!not base64!!"));
+        assert_eq!(
+            grpc_status(&h),
+            Some((
+                tonic::Code::ResourceExhausted,
+                "too much, slow%zz down%4".to_string()
+            ))
+        );
+        let e = grpc_ok(grpc_status(&h).unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "OTLP/gRPC: ResourceExhausted: too much, slow%zz down%4"
+        );
+        h.insert("grpc-status", header("0"));
+        assert!(grpc_ok(grpc_status(&h).unwrap()).is_ok());
+        h.insert("grpc-status", header("banana"));
+        h.remove("grpc-message");
+        assert_eq!(grpc_status(&h), Some((tonic::Code::Unknown, String::new())));
     }
 
     #[test]
