@@ -120,10 +120,15 @@ impl Sink {
 struct Agent {
     proc: Started,
     lines: Arc<Mutex<Vec<String>>>,
+    /// From its start to "ready" (the kernel programs loaded and attached).
+    ready_after: Duration,
+    /// CPU (user + system, the kernel's verifier included) it used to get there, in ns.
+    startup_cpu_ns: u64,
 }
 
 impl Agent {
     fn start(root: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let started = Instant::now();
         let mut child = Command::new(root.join("target/release/wirespan"))
             .args(["run"])
             .args(args)
@@ -152,7 +157,14 @@ impl Agent {
         };
         rx.recv_timeout(Duration::from_secs(60))
             .context("wirespan did not become ready within 60 s")?;
-        Ok(Self { proc, lines })
+        let ready_after = started.elapsed();
+        let startup_cpu_ns = proc_usage(proc.pid())?.0;
+        Ok(Self {
+            proc,
+            lines,
+            ready_after,
+            startup_cpu_ns,
+        })
     }
 
     /// CPU time (user + system) in nanoseconds, RSS and peak RSS in KiB, open descriptors.
@@ -395,6 +407,8 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                 let pss = pss_kib(a.proc.pid());
                 let cpu_run = cpu - cpu_before.map(|c| c.0).unwrap_or(0);
                 let woken = wakeups(a.proc.pid()).saturating_sub(wakeups_before);
+                m.insert("startup_s", a.ready_after.as_secs_f64());
+                m.insert("startup_cpu_s", a.startup_cpu_ns as f64 / 1e9);
                 let summary = a.stop();
                 // Let the last batches arrive.
                 sleep(Duration::from_millis(500));
@@ -459,6 +473,8 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
         "agent_wakeups_per_1k_requests",
         "agent_cpu_s",
         "sink_cpu_s",
+        "startup_s",
+        "startup_cpu_s",
     ] {
         result["wirespan"][key] = json!(med(&samples, "wirespan", key));
     }
@@ -827,6 +843,11 @@ fn print_nginx(r: &Value) {
         r["seconds"],
         num(&w["agent_cpu_s"]),
         num(&w["sink_cpu_s"]),
+    );
+    println!(
+        "  start-up: ready after {:.2} s, {:.2} s of CPU (most of it the kernel verifying the programs)",
+        num(&w["startup_s"]),
+        num(&w["startup_cpu_s"]),
     );
 }
 
