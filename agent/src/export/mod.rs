@@ -393,6 +393,10 @@ impl Transport {
     }
 }
 
+/// The most of an export call's answer read (an `ExportTraceServiceResponse` is a count and a
+/// message).
+const MAX_GRPC_ANSWER: usize = 64 * 1024;
+
 /// The OTLP trace service's one method.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -451,7 +455,8 @@ async fn grpc_export(
     if let Some(status) = grpc_status(&head.headers) {
         grpc_ok(status)?;
     }
-    let body = body
+    // An answer is a few bytes; a backend that sends more is not read into memory.
+    let body = http_body_util::Limited::new(body, MAX_GRPC_ANSWER)
         .collect()
         .await
         .map_err(|e| anyhow::anyhow!("OTLP/gRPC response: {e}"))?;
@@ -736,6 +741,8 @@ mod tests {
         Accept,
         Refuse,
         RejectSome,
+        /// A partial success whose message is larger than any answer the agent reads.
+        Huge,
     }
 
     /// What the service saw of one call: spans, the test header, the deadline header.
@@ -784,6 +791,12 @@ mod tests {
                     partial_success: Some(ExportTracePartialSuccess {
                         rejected_spans: 2,
                         error_message: "spans too old".into(),
+                    }),
+                })),
+                Answer::Huge => Ok(tonic::Response::new(ExportTraceServiceResponse {
+                    partial_success: Some(ExportTracePartialSuccess {
+                        rejected_spans: 0,
+                        error_message: "x".repeat(MAX_GRPC_ANSWER + 1),
                     }),
                 })),
             }
@@ -864,6 +877,18 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.to_string(), "the backend rejected 2 spans: spans too old");
+
+        // An answer larger than any real one is not read whole.
+        let (flooding, _) = grpc_service(Answer::Huge).await;
+        let e = flooding
+            .export(resources.request(&batch))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("OTLP/gRPC response: length limit exceeded"),
+            "{e}"
+        );
     }
 
     #[test]
