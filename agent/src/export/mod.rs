@@ -858,35 +858,29 @@ mod tests {
             ]
         );
 
+        // What an export of the batch to a service answering `answer` fails with.
+        let failure = async |answer| {
+            let (transport, seen) = grpc_service(answer).await;
+            let e = transport.export(Resources::new("host".into()).request(&batch));
+            (e.await.unwrap_err().to_string(), seen.lock().unwrap().len())
+        };
         // An error status in the answer (tonic sends it in the headers, with no body).
-        let (refusing, seen) = grpc_service(Answer::Refuse).await;
-        let e = refusing
-            .export(resources.request(&batch))
-            .await
-            .unwrap_err();
         assert_eq!(
-            e.to_string(),
-            "OTLP/gRPC: ResourceExhausted: too much, slow down"
+            failure(Answer::Refuse).await,
+            (
+                "OTLP/gRPC: ResourceExhausted: too much, slow down".into(),
+                1
+            )
         );
-        assert_eq!(seen.lock().unwrap().len(), 1);
-
         // A partial success is a failure of the spans it names.
-        let (rejecting, _) = grpc_service(Answer::RejectSome).await;
-        let e = rejecting
-            .export(resources.request(&batch))
-            .await
-            .unwrap_err();
-        assert_eq!(e.to_string(), "the backend rejected 2 spans: spans too old");
-
+        assert_eq!(
+            failure(Answer::RejectSome).await,
+            ("the backend rejected 2 spans: spans too old".into(), 1)
+        );
         // An answer larger than any real one is not read whole.
-        let (flooding, _) = grpc_service(Answer::Huge).await;
-        let e = flooding
-            .export(resources.request(&batch))
-            .await
-            .unwrap_err();
+        let (e, _) = failure(Answer::Huge).await;
         assert!(
-            e.to_string()
-                .starts_with("OTLP/gRPC response: length limit exceeded"),
+            e.starts_with("OTLP/gRPC response: length limit exceeded"),
             "{e}"
         );
     }
