@@ -537,12 +537,14 @@ impl SpanAgent {
         Self::start_under(cmd, args, env)
     }
 
-    /// `wirespan run` exporting to `receiver` with `extra` flags, without `--log-spans`, at the
-    /// lowest scheduling priority (`nice -n 19`): an agent that gets less CPU than the traffic
-    /// it reads needs, as one under a CPU limit.
-    pub fn niced_to(receiver: &otlp::Receiver, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new("nice");
-        cmd.args(["-n", "19"]).arg(wirespan_bin()).arg("run");
+    /// `wirespan run` exporting to `receiver` with `extra` flags, without `--log-spans`, in
+    /// the idle scheduling class (`chrt --idle 0`: it runs in what the busy processes leave):
+    /// an agent that gets less CPU than the traffic it reads needs, as one under a CPU limit.
+    /// `nice -n 19` was not enough: on two cores saturated by wrk and nginx, a niced agent
+    /// sometimes kept up.
+    pub fn starved_to(receiver: &otlp::Receiver, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new("chrt");
+        cmd.args(["--idle", "0"]).arg(wirespan_bin()).arg("run");
         let endpoint = format!("http://{}", receiver.grpc);
         let mut args = vec!["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"];
         args.extend_from_slice(extra);

@@ -436,8 +436,8 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     assert!(after >= before + 2, "{before} -> {after}: {s}");
 }
 
-/// An agent that reads slower than the kernel writes (here: niced under a saturating load)
-/// never finds its ring empty. It must still stop promptly on SIGTERM, the way a node agent is
+/// An agent that reads slower than the kernel writes (here: in the idle scheduling class under a
+/// saturating load) never finds its ring empty. It must still stop promptly on SIGTERM, the way a node agent is
 /// stopped, with its closing summary. The agent used to look at signals only when its ring was
 /// empty: with a 64 MiB ring to catch up on, it had not exited 10 s after SIGTERM (the ring
 /// makes the test decisive; with the default 4 MiB the old agent happened to catch up within
@@ -449,7 +449,7 @@ fn the_agent_stops_promptly_while_it_cannot_keep_up() {
     let port = free_port();
     let _nginx = nginx(port, &dir.0).unwrap();
     let receiver = Receiver::start_counting().unwrap();
-    let agent = SpanAgent::niced_to(&receiver, &["--ring-mib", "64"]).unwrap();
+    let agent = SpanAgent::starved_to(&receiver, &["--ring-mib", "64"]).unwrap();
     let mut wrk = Proc::spawn(
         "wrk",
         Command::new("wrk")
