@@ -436,12 +436,12 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     assert!(after >= before + 2, "{before} -> {after}: {s}");
 }
 
-/// An agent that reads slower than the kernel writes (here: in the idle scheduling class under a
-/// saturating load) never finds its ring empty. It must still stop promptly on SIGTERM, the way a node agent is
-/// stopped, with its closing summary. The agent used to look at signals only when its ring was
-/// empty: with a 64 MiB ring to catch up on, it had not exited 10 s after SIGTERM (the ring
-/// makes the test decisive; with the default 4 MiB the old agent happened to catch up within
-/// about 5 s).
+/// An agent that reads slower than the kernel writes (here: in the idle scheduling class
+/// under a saturating load) never finds its ring empty. It must still stop promptly on
+/// SIGTERM, the way a node agent is stopped, with its closing summary. The agent used to look
+/// at signals only when its ring was empty: with a 64 MiB ring to catch up on, it had not
+/// exited 10 s after SIGTERM (the ring makes the test decisive; with the default 4 MiB the old
+/// agent happened to catch up within about 5 s).
 #[test]
 fn the_agent_stops_promptly_while_it_cannot_keep_up() {
     require_privileges!();
