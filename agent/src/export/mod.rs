@@ -451,9 +451,10 @@ async fn grpc_export(
         .await
         .map_err(|e| anyhow::anyhow!("OTLP/gRPC: {e}"))?;
     let (head, body) = response.into_parts();
-    // A call that failed at once answers with its status in the headers and no body.
+    // A trailers-only answer (how a call that failed at once answers) has its status in the
+    // headers and no body.
     if let Some(status) = grpc_status(&head.headers) {
-        grpc_ok(status)?;
+        return grpc_ok(status);
     }
     // An answer is a few bytes; a backend that sends more is not read into memory.
     let body = http_body_util::Limited::new(body, MAX_GRPC_ANSWER)
@@ -465,10 +466,7 @@ async fn grpc_export(
         None if !head.status.is_success() => {
             anyhow::bail!("OTLP/gRPC: HTTP status {}", head.status)
         }
-        None if !head.headers.contains_key("grpc-status") => {
-            anyhow::bail!("OTLP/gRPC: the response ended without a grpc-status")
-        }
-        None => {}
+        None => anyhow::bail!("OTLP/gRPC: the response ended without a grpc-status"),
     }
     let response = grpc_message(body.to_bytes())?;
     if let Some(p) = response.partial_success
@@ -526,7 +524,7 @@ fn grpc_ok((code, message): (tonic::Code, String)) -> anyhow::Result<()> {
 }
 
 /// The `ExportTraceServiceResponse` in a response body: one prefixed message, or none (a
-/// trailers-only answer).
+/// server may end the stream with its trailers alone).
 fn grpc_message(mut data: Bytes) -> anyhow::Result<ExportTraceServiceResponse> {
     if data.is_empty() {
         return Ok(ExportTraceServiceResponse::default());
@@ -915,15 +913,28 @@ mod tests {
 
     #[test]
     fn grpc_answers_are_one_plain_message_or_none() {
-        let message = ExportTraceServiceResponse::default().encode_to_vec();
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+        let answer = ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 5,
+                error_message: "full".into(),
+            }),
+        };
+        let message = answer.encode_to_vec();
         let framed = |flag: u8, len: u32, message: &[u8]| {
             let mut b = vec![flag];
             b.extend_from_slice(&len.to_be_bytes());
             b.extend_from_slice(message);
             Bytes::from(b)
         };
-        assert!(grpc_message(Bytes::new()).is_ok());
-        assert!(grpc_message(framed(0, message.len() as u32, &message)).is_ok());
+        assert_eq!(
+            grpc_message(Bytes::new()).unwrap(),
+            ExportTraceServiceResponse::default()
+        );
+        assert_eq!(
+            grpc_message(framed(0, message.len() as u32, &message)).unwrap(),
+            answer
+        );
         let e = grpc_message(Bytes::from_static(&[0, 0])).unwrap_err();
         assert!(
             e.to_string().contains("shorter than a message prefix"),
