@@ -1,7 +1,7 @@
 //! Span name, attributes and status of one HTTP exchange, by the stable OpenTelemetry HTTP
 //! semantic conventions.
 
-use std::{borrow::Cow, net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, net::SocketAddr, ops::Range, sync::Arc};
 
 use super::framing::Head;
 
@@ -147,22 +147,42 @@ pub fn redact_query(query: &str) -> String {
 
 /// `Host` split into name and port; brackets of an IPv6 literal removed.
 pub fn split_host(host: &str) -> (String, Option<u16>) {
-    let host = host.trim_ascii();
+    let (name, port) = host_parts(host);
+    (host[name].to_string(), port)
+}
+
+/// [`split_host`] of a value the caller gives up: the name is the value itself, cut short
+/// (no copy), unless it does not start the value (brackets, leading whitespace).
+fn split_host_owned(mut host: String) -> (String, Option<u16>) {
+    let (name, port) = host_parts(&host);
+    if name.start == 0 {
+        host.truncate(name.end);
+        (host, port)
+    } else {
+        (host[name].to_string(), port)
+    }
+}
+
+/// Where the name is in a `Host` value, and its port.
+fn host_parts(value: &str) -> (Range<usize>, Option<u16>) {
+    let host = value.trim_ascii();
+    let start = host.as_ptr() as usize - value.as_ptr() as usize;
+    let at = |r: Range<usize>| start + r.start..start + r.end;
     if let Some(rest) = host.strip_prefix('[')
         && let Some(end) = position(rest, b']')
     {
         let port = rest[end + 1..]
             .strip_prefix(':')
             .and_then(|p| p.parse().ok());
-        return (rest[..end].to_string(), port);
+        return (at(1..1 + end), port);
     }
     // One colon: name and port; more: an IPv6 literal without brackets, no port.
     match host.bytes().rposition(|b| b == b':') {
         Some(i) if position(&host[..i], b':').is_none() => match host[i + 1..].parse() {
-            Ok(port) => (host[..i].to_string(), Some(port)),
-            Err(_) => (host.to_string(), None),
+            Ok(port) => (at(0..i), Some(port)),
+            Err(_) => (at(0..host.len()), None),
         },
-        _ => (host.to_string(), None),
+        _ => (at(0..host.len()), None),
     }
 }
 
@@ -183,12 +203,12 @@ pub enum Outcome {
 }
 
 /// Everything known about one exchange, from the side that observed it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Exchange<'a> {
     pub side: Side,
-    pub request: &'a Head,
-    /// [`target_parts`] of the request.
-    pub target: Option<(&'a str, Option<&'a str>)>,
+    /// The request's head. [`attributes`] takes its target and the values of `Host` and
+    /// `User-Agent` into the span's attributes (no copy): the head is not read after them.
+    pub request: &'a mut Head,
     pub response_status: Option<u16>,
     pub outcome: Outcome,
     pub local: SocketAddr,
@@ -222,9 +242,24 @@ pub fn ip_text(addr: &SocketAddr) -> Arc<str> {
     addr.ip().to_canonical().to_string().into()
 }
 
-/// The span's attributes.
-pub fn attributes(ex: &Exchange<'_>) -> Attributes {
-    let req = ex.request;
+/// The first value of a kept field, taken out of the head.
+fn take_header(head: &mut Head, name: &str) -> Option<String> {
+    head.headers
+        .iter_mut()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| std::mem::take(v))
+}
+
+/// Where `part` lies in `whole`, if it is a slice of it.
+fn range_in(whole: &str, part: &str) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    (start + part.len() <= whole.len()).then(|| start..start + part.len())
+}
+
+/// The span's attributes. The request's target and its `Host` and `User-Agent` values are
+/// moved into them (see [`Exchange::request`]).
+pub fn attributes(ex: &mut Exchange<'_>) -> Attributes {
+    let req = &mut *ex.request;
     let mut a: Attributes = Vec::with_capacity(18);
     let method = match registered_method(&req.method) {
         Some(m) => Text::Static(m),
@@ -237,47 +272,61 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
         }
     };
     a.push(("http.request.method", Value::Str(method)));
-    let (path, query) = ex.target.unwrap_or(("", None));
-    let query = query.map(|q| {
-        if ex.redact_query {
-            redact_query(q)
-        } else {
-            q.to_string()
+    // Everything that reads the target or `Host` as sent, before they are taken.
+    let (path_at, query, full) = {
+        let (path, query) = target_parts(req).unwrap_or(("", None));
+        let query = query.map(|q| {
+            if ex.redact_query {
+                redact_query(q)
+            } else {
+                q.to_string()
+            }
+        });
+        let full = (ex.side == Side::Client).then(|| {
+            let authority: Cow<'_, str> = match req.header("host") {
+                Some(h) => h.into(),
+                None => ex.remote.to_string().into(),
+            };
+            match query.as_deref() {
+                Some(q) => ["http://", &authority, path, "?", q].concat(),
+                None => ["http://", &authority, path].concat(),
+            }
+        });
+        // A path that is not part of the target is a constant (`/` of `http://host?q`).
+        (
+            range_in(&req.target, path).ok_or_else(|| path.to_string()),
+            query,
+            full,
+        )
+    };
+    let path = match path_at {
+        Ok(r) if r.start == 0 => {
+            let mut target = std::mem::take(&mut req.target);
+            target.truncate(r.end);
+            target
         }
-    });
-    let host = req.header("host").map(split_host);
+        Ok(r) => req.target[r].to_string(),
+        Err(constant) => constant,
+    };
+    let host = take_header(req, "host").map(split_host_owned);
+    let user_agent = take_header(req, "user-agent");
     let (server_address, server_port): (Text, u16) = match (host, ex.side) {
         (Some((h, p)), Side::Client) => (h.into(), p.unwrap_or(ex.remote.port())),
         (Some((h, p)), Side::Server) => (h.into(), p.unwrap_or(ex.local.port())),
         (None, Side::Client) => (ex.remote_ip.clone().into(), ex.remote.port()),
         (None, Side::Server) => (ex.local_ip.clone().into(), ex.local.port()),
     };
-    match ex.side {
-        Side::Server => {
-            a.push(("url.path", Value::Str(path.to_string().into())));
-            if let Some(q) = query {
-                a.push(("url.query", Value::Str(q.into())));
-            }
-            a.push(("url.scheme", Value::Str("http".into())));
-            a.push(("client.address", Value::Str(ex.remote_ip.clone().into())));
-            a.push(("client.port", Value::Int(ex.remote.port() as i64)));
-        }
-        Side::Client => {
-            let authority: Cow<'_, str> = match req.header("host") {
-                Some(h) => h.into(),
-                None => ex.remote.to_string().into(),
-            };
-            let full = match query.as_deref() {
-                Some(q) => ["http://", &authority, path, "?", q].concat(),
-                None => ["http://", &authority, path].concat(),
-            };
-            a.push(("url.full", Value::Str(full.into())));
-            a.push(("url.path", Value::Str(path.to_string().into())));
-            if let Some(q) = query {
-                a.push(("url.query", Value::Str(q.into())));
-            }
-            a.push(("url.scheme", Value::Str("http".into())));
-        }
+    if let Some(full) = full {
+        a.push(("url.full", Value::Str(full.into())));
+    }
+    a.push(("url.path", Value::Str(path.into())));
+    if let Some(q) = query {
+        a.push(("url.query", Value::Str(q.into())));
+    }
+    a.push(("url.scheme", Value::Str("http".into())));
+    if ex.side == Side::Server {
+        a.push(("client.address", Value::Str(ex.remote_ip.clone().into())));
+        a.push(("client.port", Value::Int(ex.remote.port() as i64)));
     }
     a.push(("server.address", Value::Str(server_address)));
     a.push(("server.port", Value::Int(server_port as i64)));
@@ -290,8 +339,8 @@ pub fn attributes(ex: &Exchange<'_>) -> Attributes {
         "network.protocol.version",
         Value::Str(Text::Static(if req.version == 0 { "1.0" } else { "1.1" })),
     ));
-    if let Some(ua) = req.header("user-agent") {
-        a.push(("user_agent.original", Value::Str(ua.to_string().into())));
+    if let Some(ua) = user_agent {
+        a.push(("user_agent.original", Value::Str(ua.into())));
     }
     if let Some(code) = ex.response_status {
         a.push(("http.response.status_code", Value::Int(code as i64)));

@@ -512,11 +512,10 @@ fn b3_multi_variants() {
     assert_eq!(context::extract(&h), Err(context::Invalid::B3));
 }
 
-fn exchange<'a>(side: Side, req: &'a Head, outcome: Outcome) -> Exchange<'a> {
+fn exchange<'a>(side: Side, req: &'a mut Head, outcome: Outcome) -> Exchange<'a> {
     Exchange {
         side,
         request: req,
-        target: attributes::target_parts(req),
         response_status: match outcome {
             Outcome::Response(c) => Some(c),
             _ => None,
@@ -540,8 +539,8 @@ fn attr<'a>(a: &'a attributes::Attributes, k: &str) -> Option<&'a Value> {
 fn server_span_attributes_and_redacted_query() {
     let mut req = head_with(&[("host", "shop.local:8080"), ("user-agent", "curl/8")]);
     req.target = "/users/42?token=abc&x=1".into();
-    let ex = exchange(Side::Server, &req, Outcome::Response(200));
-    let a = attributes::attributes(&ex);
+    let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
+    let a = attributes::attributes(&mut ex);
     let s = |v: &str| Some(Value::Str(v.to_string().into()));
     assert_eq!(attr(&a, "http.request.method").cloned(), s("GET"));
     assert_eq!(attr(&a, "url.path").cloned(), s("/users/42"));
@@ -565,14 +564,14 @@ fn server_span_attributes_and_redacted_query() {
 
 #[test]
 fn status_rules() {
-    let req = head_with(&[]);
-    let e = |side, o| attributes::error(&exchange(side, &req, o)).is_some();
+    let mut req = head_with(&[]);
+    let mut e = |side, o| attributes::error(&exchange(side, &mut req, o)).is_some();
     assert!(e(Side::Server, Outcome::Response(500)));
     assert!(!e(Side::Server, Outcome::Response(404)));
     assert!(e(Side::Client, Outcome::Response(404)));
     assert!(!e(Side::Client, Outcome::Response(302)));
     assert!(e(Side::Server, Outcome::CutOff));
-    let a = attributes::attributes(&exchange(Side::Client, &req, Outcome::CutOff));
+    let a = attributes::attributes(&mut exchange(Side::Client, &mut req, Outcome::CutOff));
     assert_eq!(
         attr(&a, "error.type").cloned(),
         Some(Value::Str("connection_closed".into()))
@@ -583,7 +582,11 @@ fn status_rules() {
 fn client_span_full_url() {
     let mut req = head_with(&[("host", "[::1]:9000")]);
     req.target = "/p?q=secret".into();
-    let a = attributes::attributes(&exchange(Side::Client, &req, Outcome::Response(200)));
+    let a = attributes::attributes(&mut exchange(
+        Side::Client,
+        &mut req,
+        Outcome::Response(200),
+    ));
     assert_eq!(
         attr(&a, "url.full").cloned(),
         Some(Value::Str("http://[::1]:9000/p?q=REDACTED".into()))
@@ -595,10 +598,69 @@ fn client_span_full_url() {
 }
 
 #[test]
+fn target_and_fields_taken_from_the_head_are_the_values_sent() {
+    let s = |v: &str| Some(Value::Str(v.to_string().into()));
+    // An absolute-form target: its path is inside it, not at its start.
+    let mut req = head_with(&[("host", "api.local"), ("user-agent", "Go-http-client/1.1")]);
+    req.target = "http://api.local/v1/items?id=7".into();
+    let a = attributes::attributes(&mut exchange(
+        Side::Client,
+        &mut req,
+        Outcome::Response(200),
+    ));
+    assert_eq!(
+        attr(&a, "url.full").cloned(),
+        s("http://api.local/v1/items?id=REDACTED")
+    );
+    assert_eq!(attr(&a, "url.path").cloned(), s("/v1/items"));
+    assert_eq!(attr(&a, "url.query").cloned(), s("id=REDACTED"));
+    assert_eq!(attr(&a, "server.address").cloned(), s("api.local"));
+    assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(50000)));
+    assert_eq!(
+        attr(&a, "user_agent.original").cloned(),
+        s("Go-http-client/1.1")
+    );
+    // Without a path, and an origin-form target cut at its query.
+    for (target, path) in [
+        ("http://api.local?x=1", "/"),
+        ("/a/b?c", "/a/b"),
+        ("/", "/"),
+    ] {
+        let mut req = head_with(&[("host", "api.local:81")]);
+        req.target = target.into();
+        let a = attributes::attributes(&mut exchange(
+            Side::Server,
+            &mut req,
+            Outcome::Response(200),
+        ));
+        assert_eq!(attr(&a, "url.path").cloned(), s(path), "{target}");
+        assert_eq!(attr(&a, "server.address").cloned(), s("api.local"));
+        assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(81)));
+    }
+    // CONNECT's target is an authority: no path, no query.
+    let mut req = head_with(&[]);
+    req.method = "CONNECT".into();
+    req.target = "api.local:443".into();
+    let a = attributes::attributes(&mut exchange(
+        Side::Server,
+        &mut req,
+        Outcome::Response(200),
+    ));
+    assert_eq!(attr(&a, "url.path").cloned(), s(""));
+    assert_eq!(attr(&a, "url.query"), None);
+    // A field the head does not keep is no attribute.
+    assert_eq!(attr(&a, "user_agent.original"), None);
+}
+
+#[test]
 fn unknown_method_is_other() {
     let mut req = head_with(&[]);
     req.method = "PURGE".into();
-    let a = attributes::attributes(&exchange(Side::Server, &req, Outcome::Response(200)));
+    let a = attributes::attributes(&mut exchange(
+        Side::Server,
+        &mut req,
+        Outcome::Response(200),
+    ));
     assert_eq!(
         attr(&a, "http.request.method").cloned(),
         Some(Value::Str("_OTHER".into()))
@@ -662,9 +724,9 @@ fn random_input_never_panics_and_messages_stay_ordered() {
 fn query_values_are_kept_only_when_asked() {
     let mut req = head_with(&[]);
     req.target = "/p?q=secret".into();
-    let mut ex = exchange(Side::Server, &req, Outcome::Response(200));
+    let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
     ex.redact_query = false;
-    let a = attributes::attributes(&ex);
+    let a = attributes::attributes(&mut ex);
     assert_eq!(
         attr(&a, "url.query").cloned(),
         Some(Value::Str("q=secret".into()))

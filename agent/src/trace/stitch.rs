@@ -882,16 +882,17 @@ impl Stitcher {
         response_body: u64,
         out: &mut Vec<Span>,
     ) {
-        let target = attributes::target_parts(&p.head);
-        let ex = Exchange {
+        let mut head = p.head;
+        let route = attributes::target_parts(&head).map(|(path, _)| self.routes.route(path));
+        let name = attributes::span_name(&head.method, route.as_deref());
+        let mut ex = Exchange {
             side,
-            request: &p.head,
-            target,
+            request: &mut head,
             response_status: match outcome {
                 Outcome::Response(c) => Some(c),
                 Outcome::CutOff => p.status,
             },
-            outcome: outcome.clone(),
+            outcome,
             local: conn.local,
             remote: conn.remote,
             local_ip: conn.local_ip.clone(),
@@ -900,10 +901,8 @@ impl Stitcher {
             response_body,
             redact_query: self.redact_query,
         };
-        let mut attrs = attributes::attributes(&ex);
+        let mut attrs = attributes::attributes(&mut ex);
         let error = attributes::error(&ex);
-        let route = target.map(|(path, _)| self.routes.route(path));
-        let name = attributes::span_name(&p.head.method, route.as_deref());
         if let Some(r) = route {
             let key = match side {
                 Side::Server => "http.route",
