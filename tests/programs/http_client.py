@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 
 def read_response(sock):
@@ -42,6 +43,8 @@ def main():
     p.add_argument("--mode", choices=["sendall", "writev", "writev1"], default="sendall")
     p.add_argument("--pause-after", type=int, default=0,
                    help="after this many requests, wait for a line on stdin")
+    p.add_argument("--interval-ms", type=float, default=0,
+                   help="wait this long after each response")
     a = p.parse_args()
 
     family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
@@ -67,6 +70,8 @@ def main():
             sock.sendall(b"".join(parts))
         sent.append(b"".join(parts).hex())
         received.append(read_response(sock).hex())
+        if a.interval_ms:
+            time.sleep(a.interval_ms / 1000)
     sock.close()
     print(json.dumps({"event": "done", "sent": sent, "received": received}), flush=True)
 

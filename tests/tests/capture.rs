@@ -216,6 +216,56 @@ fn keep_alive_connection_carries_three_requests() {
     );
 }
 
+/// The agent maps its ring's data once (the kernel's second mapping of it would double what
+/// the ring takes of the agent's memory), so a record that runs past the ring's end is put
+/// together from its two parts. A thousand requests through a 1 MiB ring wrap it six times,
+/// a record straddling its end each time: both directions at both ends are still exactly
+/// the bytes sent and received.
+#[test]
+fn records_that_wrap_around_the_ring_arrive_whole() {
+    require_privileges!();
+    let dir = TempDir::new("wrap").unwrap();
+    let port = free_port();
+    let server = nginx(port, &dir.0).unwrap();
+    let agent = Agent::start(&["--ring-mib", "1"]).unwrap();
+    // Requests of 3 KiB (captured whole) on one connection: 6 MiB of records, six passes.
+    // Paced (1.5 s in all) so that the agent, printing every byte in hex, keeps up: a record
+    // lost would leave nothing to compare.
+    let path = format!("/{}", "w".repeat(3000));
+    let client = PyClient::start(&[
+        "--port",
+        &port.to_string(),
+        "--path",
+        &path,
+        "--requests",
+        "1000",
+        "--interval-ms",
+        "1",
+    ])
+    .unwrap();
+    let report = client.finish().unwrap();
+    let (events, log) = agent.stop_with_log().unwrap();
+    let lost = log.iter().find(|l| l.contains("lost in kernel")).cloned();
+    assert!(
+        lost.as_deref()
+            .is_some_and(|l| l.contains("ring buffer full 0,")),
+        "records lost, the streams cannot be compared: {lost:?}"
+    );
+    let ring_bytes: u64 = events.iter().map(|e| 112 + e.captured).sum();
+    assert!(ring_bytes > 5 << 20, "only {ring_bytes} bytes of records");
+
+    let sent = report.sent.concat();
+    let received = report.received.concat();
+    assert_eq!(report.sent.len(), 1000);
+    let cconn = conn_of(&events, report.pid, port);
+    let sconn = conn_of(&events, server.pid(), report.local_port);
+    // Compared whole, not with assert_eq: the streams are megabytes.
+    assert!(stream(&events, report.pid, cconn, "egress") == sent);
+    assert!(stream(&events, server.pid(), sconn, "ingress") == sent);
+    assert!(stream(&events, server.pid(), sconn, "egress") == received);
+    assert!(stream(&events, report.pid, cconn, "ingress") == received);
+}
+
 #[test]
 fn ipv6_connection_has_ipv6_endpoints() {
     require_privileges!();

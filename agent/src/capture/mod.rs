@@ -5,12 +5,13 @@ pub mod btf;
 pub mod event;
 pub mod layout;
 pub mod probes;
+pub mod ring;
 
 use std::{future::Future, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::TracePoint,
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -19,6 +20,7 @@ use wirespan_common::{MAX_CAPTURE, Settings, lost, names, pid_filter};
 pub use event::{DecodeError, Direction, EventKind, SocketEvent};
 use layout::{KernelBtf, LayoutError};
 use probes::{PROBES, Probe};
+use ring::{Ring, RingError};
 
 /// The kernel object built from `ebpf/` by build.rs. Empty when built with AYA_BUILD_SKIP.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wirespan"));
@@ -46,6 +48,8 @@ pub enum CaptureError {
     CaptureBytes { got: u32, max: usize },
     #[error("ring buffer: {0}")]
     Io(#[from] std::io::Error),
+    #[error("ring buffer: {0}")]
+    Ring(#[from] RingError),
 }
 
 /// What to capture.
@@ -103,7 +107,7 @@ pub struct Lost {
 pub struct Capture {
     // Holds the programs and their links: dropping it detaches.
     _ebpf: Ebpf,
-    events: RingBuf<MapData>,
+    events: Ring,
     lost: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pid_filter: Option<PidFilter>,
@@ -223,7 +227,13 @@ impl Capture {
 
         seed_blocked_threads(&mut ebpf, config);
 
-        let events = take_map(&mut ebpf, names::EVENTS)?;
+        let events = ebpf.take_map(names::EVENTS).ok_or(CaptureError::Map {
+            name: names::EVENTS,
+            source: aya::maps::MapError::InvalidName {
+                name: names::EVENTS.into(),
+            },
+        })?;
+        let events = Ring::new(events, config.ring_bytes as usize)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })
@@ -338,13 +348,14 @@ const BATCH: usize = 4096;
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Hands up to `BATCH` records in the ring to the sink; true when the ring is empty.
-fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl EventSink) -> bool {
+fn drain(ring: &mut Ring, sink: &mut impl EventSink) -> bool {
     for _ in 0..BATCH {
-        match ring.next() {
-            Some(item) => sink.event(SocketEvent::decode(&item)),
+        match ring.read() {
+            Some(item) => sink.event(SocketEvent::decode(item)),
             None => return true,
         }
     }
+    ring.publish();
     false
 }
 

@@ -1,0 +1,236 @@
+//! The reading end of the kernel's `BPF_MAP_TYPE_RINGBUF`, mapped once.
+//!
+//! The kernel maps a ring's data pages twice in a row so that a record that runs past the end
+//! reads on contiguously, and readers usually map both copies (aya and libbpf do): every data
+//! page is then resident twice in the reader, 8 MiB of RSS for the default 4 MiB ring. Here the
+//! data is mapped once and the rare record that wraps (one per pass over the ring at most) is
+//! copied out of its two parts.
+//!
+//! Each record read used to publish the new consumer position, a store to the page every
+//! producer reads before it writes a record: the cache line went back and forth between the
+//! agent's CPU and the traced programs' for each record. The position is published every
+//! [`PUBLISH_EVERY`] bytes, and whenever the reader stops. Producers see the ring that much
+//! fuller, a sliver of it.
+//!
+//! Protocol (kernel/bpf/ringbuf.c): a consumer page (read-write, `consumer_pos`), then a
+//! producer page (`producer_pos`), then the data; each record is an 8-byte header (length,
+//! `BPF_RINGBUF_BUSY_BIT` while the producer writes it, `BPF_RINGBUF_DISCARD_BIT`) and its
+//! bytes, rounded up to 8.
+
+use std::{
+    os::fd::{AsFd, AsRawFd, RawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicUsize, Ordering, fence},
+};
+
+use aya::maps::{Map, MapData};
+
+const HEADER: usize = 8;
+const BUSY: u32 = 1 << 31;
+const DISCARD: u32 = 1 << 30;
+/// Bytes read before the consumer position is published (besides at every stop).
+pub const PUBLISH_EVERY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("the map is not a ring buffer")]
+    NotARing,
+    #[error("ring size {0} is not a power-of-two multiple of the page size")]
+    Size(usize),
+    #[error("mapping the ring: {0}")]
+    Map(std::io::Error),
+}
+
+/// One shared mapping, unmapped on drop.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: RawFd, len: usize, prot: i32, offset: usize) -> Result<Self, RingError> {
+        // SAFETY: a fresh shared mapping of the map's descriptor; the kernel checks the offset
+        // and length against the ring (remap_vmalloc_range) and fails otherwise.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(RingError::Map(std::io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or(RingError::Map(std::io::Error::other("null")))?;
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this length and is not used after.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The reader of one ring; one thread reads it.
+pub struct Ring {
+    consumer: Mapping,
+    /// The producer page, then the data (`size` bytes, once).
+    producer: Mapping,
+    size: usize,
+    page: usize,
+    /// Where the next record starts.
+    pos: usize,
+    /// The length of the record last handed out: skipped at the next read, once it is done
+    /// with.
+    held: usize,
+    /// `consumer_pos` as last published.
+    published: usize,
+    /// The producer position last read: records before it are written or being written.
+    producer_pos: usize,
+    /// A wrapped record, put together.
+    wrapped: Vec<u8>,
+    map: MapData,
+}
+
+// SAFETY: the mappings belong to the ring alone and are only read or written through it; the
+// kernel side is synchronised by the acquire and release accesses below.
+unsafe impl Send for Ring {}
+
+impl Ring {
+    /// Maps the ring `map` of `size` bytes (the size it was created with).
+    pub fn new(map: Map, size: usize) -> Result<Self, RingError> {
+        let Map::RingBuf(map) = map else {
+            return Err(RingError::NotARing);
+        };
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        if !size.is_power_of_two() || size < page {
+            return Err(RingError::Size(size));
+        }
+        let fd = map.fd().as_fd().as_raw_fd();
+        let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let producer = Mapping::new(fd, page + size, libc::PROT_READ, page)?;
+        let mut ring = Self {
+            consumer,
+            producer,
+            size,
+            page,
+            pos: 0,
+            held: 0,
+            published: 0,
+            producer_pos: 0,
+            wrapped: Vec::new(),
+            map,
+        };
+        ring.pos = ring.consumer_pos().load(Ordering::Acquire);
+        ring.published = ring.pos;
+        ring.producer_pos = ring.pos;
+        Ok(ring)
+    }
+
+    fn consumer_pos(&self) -> &AtomicUsize {
+        // SAFETY: the consumer page starts with the kernel's `unsigned long consumer_pos`,
+        // page-aligned; the kernel reads it with acquire loads.
+        unsafe { self.consumer.ptr.cast::<AtomicUsize>().as_ref() }
+    }
+
+    fn load_producer_pos(&self) -> usize {
+        // SAFETY: as for `consumer_pos`; the kernel stores `producer_pos` with release.
+        unsafe { self.producer.ptr.cast::<AtomicUsize>().as_ref() }.load(Ordering::Acquire)
+    }
+
+    fn data(&self) -> &[u8] {
+        // SAFETY: the data follows the producer page in the mapping and is `size` bytes long;
+        // the bytes of a record are read only after its header was seen committed (acquire).
+        unsafe { std::slice::from_raw_parts(self.producer.ptr.as_ptr().add(self.page), self.size) }
+    }
+
+    fn header(&self, offset: usize) -> u32 {
+        // SAFETY: offset is 8-aligned and below `size`; the kernel commits a header with an
+        // atomic exchange.
+        let header = unsafe {
+            &*self
+                .producer
+                .ptr
+                .as_ptr()
+                .add(self.page + offset)
+                .cast::<AtomicU32>()
+        };
+        header.load(Ordering::Acquire)
+    }
+
+    /// Publishes how far the records were read: the kernel may write over them now.
+    pub fn publish(&mut self) {
+        self.pos += std::mem::take(&mut self.held);
+        if self.published != self.pos {
+            self.consumer_pos().store(self.pos, Ordering::Release);
+            self.published = self.pos;
+        }
+    }
+
+    /// The next committed record, if any. The record before it is done with when this is
+    /// called again.
+    pub fn read(&mut self) -> Option<&[u8]> {
+        self.pos += std::mem::take(&mut self.held);
+        if self.pos - self.published >= PUBLISH_EVERY {
+            self.publish();
+        }
+        loop {
+            if self.pos == self.producer_pos {
+                self.producer_pos = self.load_producer_pos();
+                if self.pos == self.producer_pos {
+                    // Caught up: let the producers see all the room there is.
+                    self.publish();
+                    fence(Ordering::SeqCst);
+                    self.producer_pos = self.load_producer_pos();
+                    if self.pos == self.producer_pos {
+                        return None;
+                    }
+                }
+            }
+            let mask = self.size - 1;
+            let offset = self.pos & mask;
+            let header = self.header(offset);
+            if header & BUSY != 0 {
+                // Being written; a later read sees it.
+                self.publish();
+                return None;
+            }
+            let len = (header & !(BUSY | DISCARD)) as usize;
+            let step = (HEADER + len).next_multiple_of(8);
+            if len > self.size - HEADER {
+                // Not a record this ring could hold: the reader is lost. Never seen; stop
+                // reading rather than hand out garbage.
+                log::error!("ring buffer: record of {len} bytes at {offset}: stopped reading");
+                return None;
+            }
+            if header & DISCARD != 0 {
+                self.pos += step;
+                continue;
+            }
+            self.held = step;
+            let start = (offset + HEADER) & mask;
+            if start + len <= self.size {
+                return Some(&self.data()[start..start + len]);
+            }
+            let first = self.size - start;
+            let mut wrapped = std::mem::take(&mut self.wrapped);
+            wrapped.clear();
+            wrapped.extend_from_slice(&self.data()[start..]);
+            wrapped.extend_from_slice(&self.data()[..len - first]);
+            self.wrapped = wrapped;
+            return Some(&self.wrapped);
+        }
+    }
+}
+
+impl AsRawFd for Ring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.map.fd().as_fd().as_raw_fd()
+    }
+}
