@@ -8,7 +8,8 @@
 //!    server, at a fixed request rate from an open-loop generator: plain, plain under wirespan,
 //!    and instrumented by the OpenTelemetry Python SDK (exporting to the same receiver).
 //! 3. eBPF time per request from the kernel's own accounting (`kernel.bpf_stats_enabled`),
-//!    agent CPU per span and RSS from /proc, losses and span counts from the agent.
+//!    agent CPU per span and RSS from /proc (sampled every 500 ms under load; the peak), losses
+//!    and span counts from the agent.
 //! 4. `--soak SECS`: wirespan on nginx at saturation for that long, sampled every 10 s.
 //!
 //! Everything started here is stopped by its PID; traffic stays on loopback.
@@ -205,13 +206,37 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, u64, usize)> {
     ))
 }
 
-/// Proportional set size in KiB: the RSS with each page divided among its mappings. The ring
-/// buffer's data pages are mapped twice in the agent (so a record that wraps around reads as
-/// one piece): RSS counts them twice, PSS and the cgroup's memory once.
+/// Proportional set size in KiB: the RSS with each page divided among the processes that map
+/// it (the binary's text is shared with any other wirespan on the machine).
 fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .map(|s| status_number(&s, "Pss:"))
         .unwrap_or(0)
+}
+
+/// Runs `f` while sampling `pid`'s RSS every 500 ms; returns what `f` returned and the samples
+/// (KiB) from the third second on, the load's steady state (the first seconds are the agent's
+/// start-up and its tables filling).
+fn rss_during<T>(pid: u32, f: impl FnOnce() -> T) -> (T, Vec<u64>) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                sleep(Duration::from_millis(500));
+                if start.elapsed() >= Duration::from_secs(2)
+                    && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                {
+                    samples.push(status_number(&status, "VmRSS:"));
+                }
+            }
+            samples
+        });
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, sampler.join().unwrap_or_default())
+    })
 }
 
 /// The first number after `key` in a /proc status file (0 if absent).
@@ -394,7 +419,11 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
             let cpu_before = agent.as_ref().map(|a| a.usage()).transpose()?;
             let wakeups_before = agent.as_ref().map_or(0, |a| wakeups(a.proc.pid()));
             let sink_cpu_before = proc_usage(sink.proc.pid())?.0;
-            let w = wrk(port, args.seconds)?;
+            let (w, rss_samples) = match &agent {
+                Some(a) => rss_during(a.proc.pid(), || wrk(port, args.seconds)),
+                None => (wrk(port, args.seconds), Vec::new()),
+            };
+            let w = w?;
             let sink_cpu = proc_usage(sink.proc.pid())?.0 - sink_cpu_before;
             let bpf_after = bpf_stats()?;
             let mut m = BTreeMap::new();
@@ -418,7 +447,14 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                     "bpf_ns_per_request",
                     bpf_ns as f64 / w.requests.max(1) as f64,
                 );
-                m.insert("rss_kib", rss as f64);
+                // Steady: the median of the samples taken under load; also the one at its end.
+                let steady = if rss_samples.is_empty() {
+                    rss as f64
+                } else {
+                    median(rss_samples.iter().map(|&k| k as f64).collect())
+                };
+                m.insert("rss_kib", steady);
+                m.insert("rss_end_kib", rss as f64);
                 m.insert("pss_kib", pss as f64);
                 m.insert("peak_rss_kib", hwm as f64);
                 m.insert("agent_cpu_s", cpu_run as f64 / 1e9);
@@ -466,6 +502,7 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
         "bpf_ns_per_request",
         "agent_cpu_ns_per_span",
         "rss_kib",
+        "rss_end_kib",
         "pss_kib",
         "peak_rss_kib",
         "spans_per_request",
@@ -827,11 +864,12 @@ fn print_nginx(r: &Value) {
     }
     let w = &n["wirespan"];
     println!(
-        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS {:.1} MiB (peak {:.1} MiB; PSS {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
+        "  eBPF ns/request: wirespan {:.0}, floor {:.0}; agent CPU ns/span {:.0}; RSS under load {:.1} MiB (median of samples; {:.1} at the run's end, peak {:.1} MiB; PSS {:.1} MiB); spans/request {:.3}; spans dropped {:.0}; agent wake-ups per 1,000 requests {:.1}",
         num(&w["bpf_ns_per_request"]),
         num(&n["floor"]["bpf_ns_per_request"]),
         num(&w["agent_cpu_ns_per_span"]),
         num(&w["rss_kib"]) / 1024.0,
+        num(&w["rss_end_kib"]) / 1024.0,
         num(&w["peak_rss_kib"]) / 1024.0,
         num(&w["pss_kib"]) / 1024.0,
         num(&w["spans_per_request"]),
