@@ -94,6 +94,9 @@ pub struct Ring {
     producer_pos: usize,
     /// A wrapped record, put together.
     wrapped: Vec<u8>,
+    /// A header made no sense: reading stopped (said once; the kernel counts what it cannot
+    /// write from then on as lost).
+    stopped: bool,
     map: MapData,
 }
 
@@ -125,6 +128,7 @@ impl Ring {
             published: 0,
             producer_pos: 0,
             wrapped: Vec::new(),
+            stopped: false,
             map,
         };
         ring.pos = ring.consumer_pos().load(Ordering::Acquire);
@@ -176,6 +180,9 @@ impl Ring {
     /// The next committed record, if any. The record before it is done with when this is
     /// called again.
     pub fn read(&mut self) -> Option<&[u8]> {
+        if self.stopped {
+            return None;
+        }
         self.pos += std::mem::take(&mut self.held);
         if self.pos - self.published >= PUBLISH_EVERY {
             self.publish();
@@ -206,7 +213,10 @@ impl Ring {
             if len > self.size - HEADER {
                 // Not a record this ring could hold: the reader is lost. Never seen; stop
                 // reading rather than hand out garbage.
-                log::error!("ring buffer: record of {len} bytes at {offset}: stopped reading");
+                log::error!(
+                    "ring buffer: a record of {len} bytes at {offset} cannot be: stopped reading events"
+                );
+                self.stopped = true;
                 return None;
             }
             if header & DISCARD != 0 {
