@@ -223,8 +223,12 @@ fn rss_during<T>(pid: u32, f: impl FnOnce() -> T) -> (T, Vec<u64>) {
         let sampler = scope.spawn(|| {
             let start = Instant::now();
             let mut samples = Vec::new();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            loop {
                 sleep(Duration::from_millis(500));
+                // Checked after the wait: a sample taken once the load is over is not one of it.
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 if start.elapsed() >= Duration::from_secs(2)
                     && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
                 {
