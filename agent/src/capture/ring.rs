@@ -6,11 +6,11 @@
 //! data is mapped once and the rare record that wraps (one per pass over the ring at most) is
 //! copied out of its two parts.
 //!
-//! Each record read used to publish the new consumer position, a store to the page every
-//! producer reads before it writes a record: the cache line went back and forth between the
-//! agent's CPU and the traced programs' for each record. The position is published every
-//! [`PUBLISH_EVERY`] bytes, and whenever the reader stops. Producers see the ring that much
-//! fuller, a sliver of it.
+//! Publishing the consumer position after each record (as aya does) is a store to the page
+//! every producer reads before it writes a record: its cache line would go back and forth
+//! between the agent's CPU and the traced programs' for each record. The position is
+//! published every [`PUBLISH_EVERY`] bytes, and whenever the reader stops; producers see the
+//! ring that much fuller, a sliver of it.
 //!
 //! Protocol (kernel/bpf/ringbuf.c): a consumer page (read-write, `consumer_pos`), then a
 //! producer page (`producer_pos`), then the data; each record is an 8-byte header (length,
