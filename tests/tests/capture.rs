@@ -219,8 +219,9 @@ fn keep_alive_connection_carries_three_requests() {
 /// The agent maps its ring's data once (the kernel's second mapping of it would double what
 /// the ring takes of the agent's memory), so a record that runs past the ring's end is put
 /// together from its two parts. A thousand requests through a 1 MiB ring wrap it six times,
-/// a record straddling its end each time: both directions at both ends are still exactly
-/// the bytes sent and received.
+/// with records of a few sizes straddling its end (with the second part of a wrapped record
+/// zeroed, this test fails): both directions at both ends are still exactly the bytes sent
+/// and received.
 #[test]
 fn records_that_wrap_around_the_ring_arrive_whole() {
     require_privileges!();
