@@ -233,7 +233,7 @@ impl Capture {
                 name: names::EVENTS.into(),
             },
         })?;
-        let events = Ring::new(events, config.ring_bytes as usize)?;
+        let events = Ring::new(events)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })

@@ -39,6 +39,8 @@ pub enum RingError {
     Size(usize),
     #[error("mapping the ring: {0}")]
     Map(std::io::Error),
+    #[error("reading the ring's size: {0}")]
+    Info(aya::maps::MapError),
 }
 
 /// One shared mapping, unmapped on drop.
@@ -105,11 +107,12 @@ pub struct Ring {
 unsafe impl Send for Ring {}
 
 impl Ring {
-    /// Maps the ring `map` of `size` bytes (the size it was created with).
-    pub fn new(map: Map, size: usize) -> Result<Self, RingError> {
+    /// Maps the ring `map`, of the size the kernel says it has.
+    pub fn new(map: Map) -> Result<Self, RingError> {
         let Map::RingBuf(map) = map else {
             return Err(RingError::NotARing);
         };
+        let size = map.info().map_err(RingError::Info)?.max_entries() as usize;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         if !size.is_power_of_two() || size < page {
