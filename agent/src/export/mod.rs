@@ -489,31 +489,9 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<(tonic::Code, String)> {
     let code = tonic::Code::from_bytes(headers.get("grpc-status")?.as_bytes());
     let message = headers
         .get("grpc-message")
-        .map(|m| percent_decode(m.as_bytes()))
+        .map(|m| crate::trace::process::percent_decode(m.as_bytes()))
         .unwrap_or_default();
     Some((code, message))
-}
-
-/// `%XX` escapes decoded (gRPC's encoding of `grpc-message`); anything else kept as it is.
-fn percent_decode(bytes: &[u8]) -> String {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push((hi << 4 | lo) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn grpc_ok((code, message): (tonic::Code, String)) -> anyhow::Result<()> {

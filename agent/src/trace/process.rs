@@ -147,13 +147,14 @@ pub fn parse_resource_attributes(s: &str) -> Vec<(String, String)> {
         .filter_map(|kv| {
             let (k, v) = kv.split_once('=')?;
             let k = k.trim();
-            (!k.is_empty()).then(|| (k.to_string(), percent_decode(v.trim())))
+            (!k.is_empty()).then(|| (k.to_string(), percent_decode(v.trim().as_bytes())))
         })
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
+/// `%XX` escapes decoded (as in `OTEL_RESOURCE_ATTRIBUTES`, OTLP headers and gRPC's
+/// `grpc-message`); anything else kept as it is.
+pub fn percent_decode(b: &[u8]) -> String {
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
