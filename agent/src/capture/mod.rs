@@ -227,13 +227,7 @@ impl Capture {
 
         seed_blocked_threads(&mut ebpf, config);
 
-        let events = ebpf.take_map(names::EVENTS).ok_or(CaptureError::Map {
-            name: names::EVENTS,
-            source: aya::maps::MapError::InvalidName {
-                name: names::EVENTS.into(),
-            },
-        })?;
-        let events = Ring::new(events)?;
+        let events = Ring::new(take(&mut ebpf, names::EVENTS)?)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })
@@ -458,9 +452,13 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(CaptureError::Map {
+    T::try_from(take(ebpf, name)?).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// The object's map `name`, taken out of the loader.
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name).ok_or(CaptureError::Map {
         name,
         source: aya::maps::MapError::InvalidName { name: name.into() },
-    })?;
-    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+    })
 }
