@@ -20,7 +20,7 @@
 use std::{
     os::fd::{AsFd, AsRawFd, RawFd},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicUsize, Ordering, fence},
+    sync::atomic::{AtomicU32, AtomicUsize, Ordering},
 };
 
 use aya::maps::{Map, MapData};
@@ -29,7 +29,7 @@ const HEADER: usize = 8;
 const BUSY: u32 = 1 << 31;
 const DISCARD: u32 = 1 << 30;
 /// Bytes read before the consumer position is published (besides at every stop).
-pub const PUBLISH_EVERY: usize = 64 * 1024;
+const PUBLISH_EVERY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -194,13 +194,12 @@ impl Ring {
             if self.pos == self.producer_pos {
                 self.producer_pos = self.load_producer_pos();
                 if self.pos == self.producer_pos {
-                    // Caught up: let the producers see all the room there is.
+                    // Caught up: let the producers see all the room there is. A record
+                    // written from here on is read by the next call (the programs decide
+                    // their wake-ups themselves, and the reading loop reads once more after
+                    // it clears its readiness).
                     self.publish();
-                    fence(Ordering::SeqCst);
-                    self.producer_pos = self.load_producer_pos();
-                    if self.pos == self.producer_pos {
-                        return None;
-                    }
+                    return None;
                 }
             }
             let mask = self.size - 1;
