@@ -145,15 +145,10 @@ pub fn redact_query(query: &str) -> String {
         .join("&")
 }
 
-/// `Host` split into name and port; brackets of an IPv6 literal removed.
-pub fn split_host(host: &str) -> (String, Option<u16>) {
-    let (name, port) = host_parts(host);
-    (host[name].to_string(), port)
-}
-
-/// [`split_host`] of a value the caller gives up: the name is the value itself, cut short
-/// (no copy), unless it does not start the value (brackets, leading whitespace).
-fn split_host_owned(mut host: String) -> (String, Option<u16>) {
+/// `Host` split into name and port; brackets of an IPv6 literal removed. The name is the
+/// value itself cut short (no copy) unless it does not start the value (brackets, leading
+/// whitespace).
+pub fn split_host(mut host: String) -> (String, Option<u16>) {
     let (name, port) = host_parts(&host);
     if name.start == 0 {
         host.truncate(name.end);
@@ -250,15 +245,13 @@ fn take_header(head: &mut Head, name: &str) -> Option<String> {
         .map(|(_, v)| std::mem::take(v))
 }
 
-/// Where `part` lies in `whole`, if it is a slice of it.
-fn range_in(whole: &str, part: &str) -> Option<Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
-    (start + part.len() <= whole.len()).then(|| start..start + part.len())
-}
-
-/// The span's attributes. The request's target and its `Host` and `User-Agent` values are
-/// moved into them (see [`Exchange::request`]).
-pub fn attributes(ex: &mut Exchange<'_>) -> Attributes {
+/// The span's attributes, and the route of the request's path (none for CONNECT, whose
+/// target is an authority) as `route` makes it. The request's target and its `Host` and
+/// `User-Agent` values are moved into the attributes (see [`Exchange::request`]).
+pub fn attributes(
+    ex: &mut Exchange<'_>,
+    route: impl FnOnce(&str) -> String,
+) -> (Attributes, Option<String>) {
     let req = &mut *ex.request;
     let mut a: Attributes = Vec::with_capacity(18);
     let method = match registered_method(&req.method) {
@@ -273,8 +266,10 @@ pub fn attributes(ex: &mut Exchange<'_>) -> Attributes {
     };
     a.push(("http.request.method", Value::Str(method)));
     // Everything that reads the target or `Host` as sent, before they are taken.
-    let (path_at, query, full) = {
-        let (path, query) = target_parts(req).unwrap_or(("", None));
+    let (path, route, query, full) = {
+        let parts = target_parts(req);
+        let route = parts.map(|(path, _)| route(path));
+        let (path, query) = parts.unwrap_or(("", None));
         let query = query.map(|q| {
             if ex.redact_query {
                 redact_query(q)
@@ -292,23 +287,24 @@ pub fn attributes(ex: &mut Exchange<'_>) -> Attributes {
                 None => ["http://", &authority, path].concat(),
             }
         });
-        // A path that is not part of the target is a constant (`/` of `http://host?q`).
-        (
-            range_in(&req.target, path).ok_or_else(|| path.to_string()),
-            query,
-            full,
-        )
+        // The path of an origin-form target (nearly every one) starts it: the target is cut
+        // to it below. Any other is copied now.
+        let path = if path.as_ptr() == req.target.as_ptr() {
+            Ok(path.len())
+        } else {
+            Err(path.to_string())
+        };
+        (path, route, query, full)
     };
-    let path = match path_at {
-        Ok(r) if r.start == 0 => {
+    let path = match path {
+        Ok(len) => {
             let mut target = std::mem::take(&mut req.target);
-            target.truncate(r.end);
+            target.truncate(len);
             target
         }
-        Ok(r) => req.target[r].to_string(),
-        Err(constant) => constant,
+        Err(copied) => copied,
     };
-    let host = take_header(req, "host").map(split_host_owned);
+    let host = take_header(req, "host").map(split_host);
     let user_agent = take_header(req, "user-agent");
     let (server_address, server_port): (Text, u16) = match (host, ex.side) {
         (Some((h, p)), Side::Client) => (h.into(), p.unwrap_or(ex.remote.port())),
@@ -359,5 +355,5 @@ pub fn attributes(ex: &mut Exchange<'_>) -> Attributes {
         }
         _ => {}
     }
-    a
+    (a, route)
 }

@@ -531,9 +531,14 @@ fn exchange<'a>(side: Side, req: &'a mut Head, outcome: Outcome) -> Exchange<'a>
     }
 }
 
+/// A route: the path as it is.
+fn route(path: &str) -> String {
+    path.to_string()
+}
+
 /// The attributes of an exchange of `req` answered with a 200.
 fn answered(side: Side, req: &mut Head) -> attributes::Attributes {
-    attributes::attributes(&mut exchange(side, req, Outcome::Response(200)))
+    attributes::attributes(&mut exchange(side, req, Outcome::Response(200)), route).0
 }
 
 fn attr<'a>(a: &'a attributes::Attributes, k: &str) -> Option<&'a Value> {
@@ -545,7 +550,7 @@ fn server_span_attributes_and_redacted_query() {
     let mut req = head_with(&[("host", "shop.local:8080"), ("user-agent", "curl/8")]);
     req.target = "/users/42?token=abc&x=1".into();
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
-    let a = attributes::attributes(&mut ex);
+    let (a, _) = attributes::attributes(&mut ex, route);
     let s = |v: &str| Some(Value::Str(v.to_string().into()));
     assert_eq!(attr(&a, "http.request.method").cloned(), s("GET"));
     assert_eq!(attr(&a, "url.path").cloned(), s("/users/42"));
@@ -576,7 +581,10 @@ fn status_rules() {
     assert!(e(Side::Client, Outcome::Response(404)));
     assert!(!e(Side::Client, Outcome::Response(302)));
     assert!(e(Side::Server, Outcome::CutOff));
-    let a = attributes::attributes(&mut exchange(Side::Client, &mut req, Outcome::CutOff));
+    let (a, _) = attributes::attributes(
+        &mut exchange(Side::Client, &mut req, Outcome::CutOff),
+        route,
+    );
     assert_eq!(
         attr(&a, "error.type").cloned(),
         Some(Value::Str("connection_closed".into()))
@@ -626,7 +634,10 @@ fn target_and_fields_taken_from_the_head_are_the_values_sent() {
     ] {
         let mut req = head_with(&[("host", " api.local:81")]);
         req.target = target.into();
-        let a = answered(Side::Server, &mut req);
+        let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
+        // The route is made of the path alone, while the target is whole.
+        let (a, made_of) = attributes::attributes(&mut ex, route);
+        assert_eq!(made_of.as_deref(), Some(path), "{target}");
         assert_eq!(attr(&a, "url.path").cloned(), s(path), "{target}");
         assert_eq!(attr(&a, "server.address").cloned(), s("api.local"));
         assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(81)));
@@ -635,7 +646,9 @@ fn target_and_fields_taken_from_the_head_are_the_values_sent() {
     let mut req = head_with(&[]);
     req.method = "CONNECT".into();
     req.target = "api.local:443".into();
-    let a = answered(Side::Server, &mut req);
+    let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
+    let (a, made_of) = attributes::attributes(&mut ex, route);
+    assert_eq!(made_of, None, "no route for CONNECT");
     assert_eq!(attr(&a, "url.path").cloned(), s(""));
     assert_eq!(attr(&a, "url.query"), None);
     // A field the head does not keep is no attribute.
@@ -712,7 +725,7 @@ fn query_values_are_kept_only_when_asked() {
     req.target = "/p?q=secret".into();
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
     ex.redact_query = false;
-    let a = attributes::attributes(&mut ex);
+    let (a, _) = attributes::attributes(&mut ex, route);
     assert_eq!(
         attr(&a, "url.query").cloned(),
         Some(Value::Str("q=secret".into()))
@@ -740,7 +753,7 @@ fn request_targets_split_into_path_and_query() {
 
 #[test]
 fn host_fields_split_into_name_and_port() {
-    use attributes::split_host as split;
+    let split = |host: &str| attributes::split_host(host.to_string());
     let s = |h: &str, p: Option<u16>| (h.to_string(), p);
     assert_eq!(split("example.com:8080"), s("example.com", Some(8080)));
     assert_eq!(split(" example.com "), s("example.com", None));

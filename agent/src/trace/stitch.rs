@@ -883,8 +883,6 @@ impl Stitcher {
         out: &mut Vec<Span>,
     ) {
         let mut head = p.head;
-        let route = attributes::target_parts(&head).map(|(path, _)| self.routes.route(path));
-        let name = attributes::span_name(&head.method, route.as_deref());
         let mut ex = Exchange {
             side,
             request: &mut head,
@@ -901,8 +899,9 @@ impl Stitcher {
             response_body,
             redact_query: self.redact_query,
         };
-        let mut attrs = attributes::attributes(&mut ex);
+        let (mut attrs, route) = attributes::attributes(&mut ex, |path| self.routes.route(path));
         let error = attributes::error(&ex);
+        let name = attributes::span_name(&head.method, route.as_deref());
         if let Some(r) = route {
             let key = match side {
                 Side::Server => "http.route",
