@@ -779,8 +779,8 @@ mod tests {
         }
     }
 
-    /// Serves a `TestService` on a loopback port; the transport the agent would build for it.
-    async fn grpc_service(answer: Answer) -> (Transport, Seen) {
+    /// Serves a `TestService` on a loopback port: the agent's configuration for it.
+    async fn serve(answer: Answer) -> (OtlpConfig, Seen) {
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -800,6 +800,12 @@ mod tests {
             traces_endpoint: None,
             timeout: Some(Duration::from_millis(2500)),
         };
+        (config, seen)
+    }
+
+    /// Serves a `TestService` on a loopback port; the transport the agent would build for it.
+    async fn grpc_service(answer: Answer) -> (Transport, Seen) {
+        let (config, seen) = serve(answer).await;
         let env = |k: &str| match k {
             "OTEL_EXPORTER_OTLP_HEADERS" => Ok("x-wirespan-test=from%20env".to_string()),
             _ => Err(std::env::VarError::NotPresent),
@@ -1036,6 +1042,37 @@ mod tests {
         assert!(
             OtlpProtocol::from_env(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")])).is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn requests_are_whole_batches_of_the_groups_handed_out() {
+        let (config, seen) = serve(Answer::Accept).await;
+        let exporter = Exporter::start(
+            Target::Otlp(config),
+            Batching {
+                max_queue: 100,
+                max_batch: 4,
+                delay: Duration::from_secs(60),
+                export_timeout: Duration::from_secs(5),
+                // One export at a time: they reach the service in order.
+                max_concurrent: 1,
+            },
+        )
+        .await
+        .unwrap();
+        let info = Arc::new(ProcessInfo::default());
+        let spans = |n: u8| (0..n).map(|i| plain_span(&info, i)).collect::<Vec<_>>();
+        // Groups of 3, 3 and 10: split and joined into batches of 4, never more; the last
+        // 4 go at the end without waiting for the delay.
+        for n in [3, 3, 10] {
+            exporter.send_all(spans(n));
+        }
+        let stats = exporter.stats.clone();
+        exporter.shutdown(Duration::from_secs(5)).await;
+        let sizes: Vec<usize> = seen.lock().unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(sizes, [4, 4, 4, 4]);
+        assert_eq!(stats.exported.load(Ordering::Relaxed), 16);
+        assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
