@@ -724,12 +724,13 @@ impl<W: Write> Tracer<W> {
         }
         self.last_stats = std::time::Instant::now();
         let s = &self.stitcher.stats;
-        let [conns, procs, spans, clients, threads, deferred] = self.stitcher.table_sizes();
+        let [conns, procs, spans, clients, threads, deferred, interned] =
+            self.stitcher.table_sizes();
         let e = &self.exporter.stats;
         ops::say(
             self.log_format,
             &format!(
-                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred} selected_processes={}",
+                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred} interned_strings={interned} selected_processes={}",
                 s.events,
                 s.spans,
                 e.exported.load(Ordering::Relaxed),

@@ -73,6 +73,54 @@ impl From<Arc<str>> for Text {
 
 pub type Attributes = Vec<(&'static str, Value)>;
 
+/// Strings that recur from span to span (route templates, span names, addresses), kept for the
+/// agent's lifetime so that spans refer to them: no allocation, no reference count, nothing for
+/// the export threads to free (a span's blocks, freed there, cost the event thread's allocator
+/// most: docs/BENCHMARKS.md). Bounded: past [`Interner::MAX`] strings or
+/// [`Interner::MAX_BYTES`], a string is the span's own as before.
+#[derive(Debug, Default)]
+pub struct Interner {
+    kept: rustc_hash::FxHashSet<&'static str>,
+    bytes: usize,
+    /// Where a string is put together before it is looked up (one allocation for the agent's
+    /// life, not one per span).
+    pub scratch: String,
+}
+
+impl Interner {
+    pub const MAX: usize = 4096;
+    pub const MAX_BYTES: usize = 256 << 10;
+
+    /// `s` as a kept string when it is one or there is room for it, else a copy of it.
+    pub fn text(&mut self, s: &str) -> Text {
+        if let Some(&kept) = self.kept.get(s) {
+            return Text::Static(kept);
+        }
+        if self.kept.len() >= Self::MAX || self.bytes + s.len() > Self::MAX_BYTES {
+            return Text::Owned(s.to_string());
+        }
+        self.bytes += s.len();
+        let kept: &'static str = Box::leak(s.into());
+        self.kept.insert(kept);
+        Text::Static(kept)
+    }
+
+    /// What `write` puts into the scratch buffer, as [`Interner::text`] of it.
+    pub fn text_of(&mut self, write: impl FnOnce(&mut String)) -> Text {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        write(&mut scratch);
+        let t = self.text(&scratch);
+        self.scratch = scratch;
+        t
+    }
+
+    /// Strings kept, and their bytes.
+    pub fn kept(&self) -> (usize, usize) {
+        (self.kept.len(), self.bytes)
+    }
+}
+
 /// Methods the conventions know; others are reported as `_OTHER`.
 const KNOWN_METHODS: &[&str] = &[
     "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY",
@@ -90,10 +138,14 @@ pub fn method_text(method: &str) -> Text {
 
 /// The span name: the method, or `HTTP` for methods outside the registry. Raw paths are never
 /// part of it (they would explode cardinality); a route template is added once one is known.
-pub fn span_name(method: &str, route: Option<&str>) -> Text {
+pub fn span_name(method: &str, route: Option<&str>, interner: &mut Interner) -> Text {
     let m = registered_method(method).unwrap_or("HTTP");
     match route {
-        Some(r) => Text::Owned([m, " ", r].concat()),
+        Some(r) => interner.text_of(|s| {
+            s.push_str(m);
+            s.push(' ');
+            s.push_str(r);
+        }),
         None => Text::Static(m),
     }
 }
@@ -209,8 +261,8 @@ pub struct Exchange<'a> {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// `ip_text` of `local` and `remote`, formatted once per connection.
-    pub local_ip: Arc<str>,
-    pub remote_ip: Arc<str>,
+    pub local_ip: Text,
+    pub remote_ip: Text,
     pub request_body: u64,
     pub response_body: u64,
     /// Replace query parameter values with `REDACTED` (the default; `--keep-query-values`
@@ -233,8 +285,8 @@ pub fn error(ex: &Exchange<'_>) -> Option<String> {
 }
 
 /// An endpoint's address as the conventions write it (IPv4-mapped IPv6 as IPv4).
-pub fn ip_text(addr: &SocketAddr) -> Arc<str> {
-    addr.ip().to_canonical().to_string().into()
+pub fn ip_text(addr: &SocketAddr) -> String {
+    addr.ip().to_canonical().to_string()
 }
 
 /// The first value of a kept field, taken out of the head.
@@ -250,8 +302,8 @@ fn take_header(head: &mut Head, name: &str) -> Option<String> {
 /// `User-Agent` values are moved into the attributes (see [`Exchange::request`]).
 pub fn attributes(
     ex: &mut Exchange<'_>,
-    route: impl FnOnce(&str) -> String,
-) -> (Attributes, Option<String>) {
+    route: impl FnOnce(&str) -> Text,
+) -> (Attributes, Option<Text>) {
     let req = &mut *ex.request;
     let mut a: Attributes = Vec::with_capacity(18);
     let method = match registered_method(&req.method) {
@@ -309,8 +361,8 @@ pub fn attributes(
     let (server_address, server_port): (Text, u16) = match (host, ex.side) {
         (Some((h, p)), Side::Client) => (h.into(), p.unwrap_or(ex.remote.port())),
         (Some((h, p)), Side::Server) => (h.into(), p.unwrap_or(ex.local.port())),
-        (None, Side::Client) => (ex.remote_ip.clone().into(), ex.remote.port()),
-        (None, Side::Server) => (ex.local_ip.clone().into(), ex.local.port()),
+        (None, Side::Client) => (ex.remote_ip.clone(), ex.remote.port()),
+        (None, Side::Server) => (ex.local_ip.clone(), ex.local.port()),
     };
     if let Some(full) = full {
         a.push(("url.full", Value::Str(full.into())));
@@ -321,15 +373,12 @@ pub fn attributes(
     }
     a.push(("url.scheme", Value::Str("http".into())));
     if ex.side == Side::Server {
-        a.push(("client.address", Value::Str(ex.remote_ip.clone().into())));
+        a.push(("client.address", Value::Str(ex.remote_ip.clone())));
         a.push(("client.port", Value::Int(ex.remote.port() as i64)));
     }
     a.push(("server.address", Value::Str(server_address)));
     a.push(("server.port", Value::Int(server_port as i64)));
-    a.push((
-        "network.peer.address",
-        Value::Str(ex.remote_ip.clone().into()),
-    ));
+    a.push(("network.peer.address", Value::Str(ex.remote_ip.clone())));
     a.push(("network.peer.port", Value::Int(ex.remote.port() as i64)));
     a.push((
         "network.protocol.version",

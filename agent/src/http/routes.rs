@@ -119,14 +119,25 @@ impl Routes {
 
     /// The route of a path (without its query).
     pub fn route(&self, path: &str) -> String {
+        let mut out = String::new();
+        self.route_into(path, &mut out);
+        out
+    }
+
+    /// Writes the route of a path into `out` (emptied first): the agent's per-span call, into
+    /// a buffer it keeps.
+    pub fn route_into(&self, path: &str, out: &mut String) {
+        out.clear();
         if let Some(p) = self.patterns.iter().find(|p| p.matches(path)) {
-            return p.text.clone();
+            out.push_str(&p.text);
+            return;
         }
         if !path.starts_with('/') {
             // An asterisk-form (`OPTIONS *`) or unusual target: nothing to keep.
-            return if path == "*" { "*".into() } else { "/".into() };
+            out.push_str(if path == "*" { "*" } else { "/" });
+            return;
         }
-        let mut out = String::with_capacity(path.len());
+        out.reserve(path.len());
         for seg in path[1..].split('/') {
             out.push('/');
             if is_identifier(seg) {
@@ -135,7 +146,6 @@ impl Routes {
                 out.push_str(seg);
             }
         }
-        out
     }
 }
 

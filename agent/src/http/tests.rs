@@ -532,8 +532,8 @@ fn exchange<'a>(side: Side, req: &'a mut Head, outcome: Outcome) -> Exchange<'a>
 }
 
 /// A route: the path as it is.
-fn route(path: &str) -> String {
-    path.to_string()
+fn route(path: &str) -> attributes::Text {
+    path.to_string().into()
 }
 
 /// The attributes of an exchange of `req` answered with a 200.
@@ -567,9 +567,13 @@ fn server_span_attributes_and_redacted_query() {
         Some(Value::Int(200))
     );
     assert_eq!(attributes::error(&ex), None);
-    // The name is the method, never the path.
-    assert_eq!(&*attributes::span_name(&req.method, None), "GET");
-    assert_eq!(&*attributes::span_name("FOO", None), "HTTP");
+    // The name is the method, never the path; with a route, the method and the route.
+    let mut i = attributes::Interner::default();
+    assert_eq!(&*attributes::span_name(&req.method, None, &mut i), "GET");
+    assert_eq!(&*attributes::span_name("FOO", None, &mut i), "HTTP");
+    let named = attributes::span_name("FOO", Some("/a/{id}"), &mut i);
+    assert_eq!(&*named, "HTTP /a/{id}");
+    assert_eq!(i.kept(), (1, 12), "kept for the next span of the route");
 }
 
 #[test]
@@ -808,4 +812,35 @@ fn header_fields_decide_framing_whatever_their_case_and_spacing() {
         let (_, s) = run(MessageKind::Request, "", &[bad]);
         assert_eq!(s.stats.malformed, 1, "{}", String::from_utf8_lossy(bad));
     }
+}
+
+#[test]
+fn interned_strings_are_kept_once_and_bounded() {
+    use attributes::{Interner, Text};
+    let kept = |t: &Text| match t {
+        Text::Static(s) => Some(s.as_ptr()),
+        _ => None,
+    };
+    let mut i = Interner::default();
+    let a = i.text("GET /users/{id}");
+    let b = i.text("GET /users/{id}");
+    assert_eq!(&*a, "GET /users/{id}");
+    assert!(kept(&a).is_some(), "kept, not the span's own");
+    assert_eq!(kept(&a), kept(&b), "one copy for every span");
+    assert_eq!(i.kept(), (1, 15));
+    // Past the bound in strings, a new string stays the span's own; kept ones are still found.
+    for n in 1..Interner::MAX {
+        i.text(&format!("/{n}"));
+    }
+    assert_eq!(i.kept().0, Interner::MAX);
+    let late = i.text("/late");
+    assert!(matches!(late, Text::Owned(ref s) if s == "/late"));
+    assert!(kept(&i.text("/7")).is_some());
+    assert_eq!(i.kept().0, Interner::MAX);
+    // And in bytes.
+    let mut i = Interner::default();
+    let big = "x".repeat(Interner::MAX_BYTES / 2);
+    assert!(kept(&i.text(&big)).is_some());
+    assert!(kept(&i.text(&format!("{big}y"))).is_none());
+    assert!(kept(&i.text(&big)).is_some(), "the kept one is found");
 }

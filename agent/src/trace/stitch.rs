@@ -218,8 +218,8 @@ struct Conn {
     local: SocketAddr,
     remote: SocketAddr,
     /// The addresses as span attributes write them, formatted once.
-    local_ip: Arc<str>,
-    remote_ip: Arc<str>,
+    local_ip: Text,
+    remote_ip: Text,
     ingress: Stream,
     egress: Stream,
     pending: VecDeque<Pending>,
@@ -306,6 +306,8 @@ pub struct Stitcher {
     kept_traces: HashMap<TraceId, Instant>,
     /// Span names and `http.route` / `url.template`.
     pub routes: Routes,
+    /// Route templates, span names and addresses, kept once for all spans.
+    interner: attributes::Interner,
     /// Pods of this node, when Kubernetes metadata is on.
     pub pods: Option<Arc<Pods>>,
     pub stats: Stats,
@@ -339,14 +341,15 @@ impl Stitcher {
             sampler: Sampler::default(),
             kept_traces: HashMap::default(),
             routes: Routes::default(),
+            interner: attributes::Interner::default(),
             pods: None,
             stats: Stats::default(),
         }
     }
 
     /// Sizes of the internal tables: connections, processes, spans remembered, client spans by
-    /// connection, threads, spans waiting for their peer.
-    pub fn table_sizes(&self) -> [usize; 6] {
+    /// connection, threads, spans waiting for their peer, strings interned.
+    pub fn table_sizes(&self) -> [usize; 7] {
         [
             self.conns.len(),
             self.procs.len(),
@@ -354,6 +357,7 @@ impl Stitcher {
             self.clients.len(),
             self.threads.len(),
             self.deferred.len(),
+            self.interner.kept().0,
         ]
     }
 
@@ -557,8 +561,8 @@ impl Stitcher {
             from_start,
             local: ev.local(),
             remote,
-            local_ip: attributes::ip_text(&ev.local()),
-            remote_ip: attributes::ip_text(&remote),
+            local_ip: self.interner.text(&attributes::ip_text(&ev.local())),
+            remote_ip: self.interner.text(&attributes::ip_text(&remote)),
             ingress: stream(ingress_kind),
             egress: stream(egress_kind),
             pending: VecDeque::new(),
@@ -899,15 +903,18 @@ impl Stitcher {
             response_body,
             redact_query: self.redact_query,
         };
-        let (mut attrs, route) = attributes::attributes(&mut ex, |path| self.routes.route(path));
+        let (routes, interner) = (&self.routes, &mut self.interner);
+        let (mut attrs, route) = attributes::attributes(&mut ex, |path| {
+            interner.text_of(|s| routes.route_into(path, s))
+        });
         let error = attributes::error(&ex);
-        let name = attributes::span_name(&head.method, route.as_deref());
+        let name = attributes::span_name(&head.method, route.as_deref(), &mut self.interner);
         if let Some(r) = route {
             let key = match side {
                 Side::Server => "http.route",
                 Side::Client => "url.template",
             };
-            attrs.push((key, Value::Str(r.into())));
+            attrs.push((key, Value::Str(r)));
         }
         let now = self.now;
         if let Some(n) = self.nodes.get_mut(&p.id) {
