@@ -628,10 +628,7 @@ impl<W: Write> Tracer<W> {
                 let _ = self.out.write_all(self.line.as_bytes());
             }
         }
-        let group = std::mem::replace(
-            &mut self.spans,
-            Vec::with_capacity(self.exporter.batch_size()),
-        );
+        let group = std::mem::replace(&mut self.spans, self.exporter.group());
         self.exporter.send_all(group);
     }
 
