@@ -1,7 +1,7 @@
 //! Span name, attributes and status of one HTTP exchange, by the stable OpenTelemetry HTTP
 //! semantic conventions.
 
-use std::{borrow::Cow, net::SocketAddr, ops::Range, sync::Arc};
+use std::{borrow::Cow, net::SocketAddr, ops::Range};
 
 use super::framing::Head;
 
@@ -13,12 +13,11 @@ pub enum Value {
 }
 
 /// A string attribute value, allocated only when it has to be: most values of a span are
-/// constants (`http`, `1.1`, a known method) or the same for every request of a connection
-/// (its addresses, formatted once).
+/// constants (`http`, `1.1`, a known method) or kept once for all spans ([`Interner`]: routes,
+/// span names, addresses).
 #[derive(Clone)]
 pub enum Text {
     Static(&'static str),
-    Shared(Arc<str>),
     Owned(String),
 }
 
@@ -27,7 +26,6 @@ impl std::ops::Deref for Text {
     fn deref(&self) -> &str {
         match self {
             Text::Static(s) => s,
-            Text::Shared(s) => s,
             Text::Owned(s) => s,
         }
     }
@@ -65,12 +63,6 @@ impl From<String> for Text {
     }
 }
 
-impl From<Arc<str>> for Text {
-    fn from(s: Arc<str>) -> Self {
-        Text::Shared(s)
-    }
-}
-
 pub type Attributes = Vec<(&'static str, Value)>;
 
 /// Strings that recur from span to span (route templates, span names, addresses), kept for the
@@ -84,7 +76,7 @@ pub struct Interner {
     bytes: usize,
     /// Where a string is put together before it is looked up (one allocation for the agent's
     /// life, not one per span).
-    pub scratch: String,
+    scratch: String,
 }
 
 impl Interner {
