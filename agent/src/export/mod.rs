@@ -1099,22 +1099,25 @@ mod tests {
         );
     }
 
+    /// An exporter to `config` sending batches of `max_batch` one at a time (they reach the
+    /// service in order), a partial one only at shutdown.
+    async fn exporter_to(config: OtlpConfig, max_batch: usize) -> Exporter {
+        let batching = Batching {
+            max_queue: 100,
+            max_batch,
+            delay: Duration::from_secs(60),
+            export_timeout: Duration::from_secs(5),
+            max_concurrent: 1,
+        };
+        Exporter::start(Target::Otlp(config), batching)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn requests_are_whole_batches_of_the_groups_handed_out() {
         let (config, seen) = serve(Answer::Accept).await;
-        let exporter = Exporter::start(
-            Target::Otlp(config),
-            Batching {
-                max_queue: 100,
-                max_batch: 4,
-                delay: Duration::from_secs(60),
-                export_timeout: Duration::from_secs(5),
-                // One export at a time: they reach the service in order.
-                max_concurrent: 1,
-            },
-        )
-        .await
-        .unwrap();
+        let exporter = exporter_to(config, 4).await;
         let info = Arc::new(ProcessInfo::default());
         let spans = |n: u8| (0..n).map(|i| plain_span(&info, i)).collect::<Vec<_>>();
         // Groups of 3, 3 and 10: split and joined into batches of 4, never more; the last
@@ -1133,18 +1136,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn groups_come_back_to_the_event_loop_emptied() {
         let (config, seen) = serve(Answer::Accept).await;
-        let exporter = Exporter::start(
-            Target::Otlp(config),
-            Batching {
-                max_queue: 100,
-                max_batch: 1,
-                delay: Duration::from_secs(60),
-                export_timeout: Duration::from_secs(5),
-                max_concurrent: 1,
-            },
-        )
-        .await
-        .unwrap();
+        let exporter = exporter_to(config, 1).await;
         let info = Arc::new(ProcessInfo::default());
         let (mut a, mut b) = (Vec::with_capacity(77), Vec::with_capacity(55));
         a.push(plain_span(&info, 1));
