@@ -163,7 +163,7 @@ impl Exporter {
                     max_queue: batching.max_queue,
                     max_batch: batching.max_batch,
                     stats,
-                    spare: Arc::default(),
+                    spare: Arc::new(Spare::new(batching.max_batch)),
                     task: None,
                 });
             }
@@ -192,7 +192,7 @@ impl Exporter {
         };
         let (tx, rx) = mpsc::channel(batching.max_queue);
         let queued = Arc::new(AtomicUsize::new(0));
-        let spare = Arc::new(Spare::default());
+        let spare = Arc::new(Spare::new(batching.max_batch));
         let task = tokio::spawn(run(
             rx,
             queued.clone(),
@@ -274,12 +274,23 @@ impl Exporter {
 /// a batch (1,024 spans of 160 bytes); a new one per hand-out, freed by the export task on
 /// another thread, was a large block of the allocator's passing between threads about a
 /// hundred times a second at saturation.
-#[derive(Default)]
-struct Spare(std::sync::Mutex<Vec<Vec<Span>>>);
+struct Spare {
+    kept: std::sync::Mutex<Vec<Vec<Span>>>,
+    /// Room beyond this is not kept: a batch that grew while exports were slow goes back to
+    /// the allocator, not to the event loop.
+    max_capacity: usize,
+}
 
 impl Spare {
     /// Groups kept: the hand-outs in the queue at saturation are one or two.
     const KEPT: usize = 4;
+
+    fn new(max_batch: usize) -> Self {
+        Self {
+            kept: std::sync::Mutex::default(),
+            max_capacity: 2 * max_batch,
+        }
+    }
 
     fn take(&self) -> Option<Vec<Span>> {
         self.lock().pop()
@@ -288,14 +299,14 @@ impl Spare {
     fn give(&self, group: Vec<Span>) {
         debug_assert!(group.is_empty());
         let mut kept = self.lock();
-        if kept.len() < Self::KEPT && group.capacity() > 0 {
+        if kept.len() < Self::KEPT && (1..=self.max_capacity).contains(&group.capacity()) {
             kept.push(group);
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Span>>> {
         // Only empty groups are kept: a panic while holding it leaves nothing half done.
-        self.0
+        self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -1136,22 +1147,37 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn groups_come_back_to_the_event_loop_emptied() {
         let (config, seen) = serve(Answer::Accept).await;
+        // Batches of 1: groups with room for up to 2 are kept.
         let exporter = exporter_to(config, 1).await;
         let info = Arc::new(ProcessInfo::default());
-        let (mut a, mut b) = (Vec::with_capacity(77), Vec::with_capacity(55));
-        a.push(plain_span(&info, 1));
-        b.push(plain_span(&info, 2));
+        let group = |room: usize, id: u8| {
+            let mut g = Vec::with_capacity(room);
+            g.push(plain_span(&info, id));
+            g
+        };
+        let exported = async |n: usize| {
+            let begin = std::time::Instant::now();
+            while seen.lock().unwrap().len() < n {
+                assert!(begin.elapsed() < Duration::from_secs(5), "not exported");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let (a, b) = (group(2, 1), group(77, 2));
         let sent = a.as_ptr();
         exporter.send_all(a);
         exporter.send_all(b);
-        let begin = std::time::Instant::now();
-        while seen.lock().unwrap().len() < 2 {
-            assert!(begin.elapsed() < Duration::from_secs(5), "not exported");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        exported(2).await;
         // The first group was the batch until the second took its place; then it came back.
         let back = exporter.group();
-        assert_eq!((back.as_ptr(), back.capacity(), back.len()), (sent, 77, 0));
+        assert_eq!((back.as_ptr(), back.capacity(), back.len()), (sent, 2, 0));
+        // The export task's first batch, with room for one, came back before it.
+        assert_eq!(exporter.group().capacity(), 1);
+        // The second group has grown past what is kept: when a third takes its place it goes
+        // back to the allocator, and the event loop gets a new group.
+        exporter.send_all(group(2, 3));
+        exported(3).await;
+        let fresh = exporter.group();
+        assert_eq!((fresh.capacity(), fresh.len()), (1, 0));
         exporter.shutdown(Duration::from_secs(5)).await;
     }
 
