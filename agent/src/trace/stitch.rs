@@ -1377,6 +1377,35 @@ mod tests {
     }
 
     #[test]
+    fn spans_of_one_route_share_its_name_route_and_addresses() {
+        let spans = nested(20, false);
+        // The one kept copy of a string, or none if the span has its own.
+        let kept = |t: &Text| match t {
+            Text::Static(k) => Some(k.as_ptr()),
+            Text::Owned(_) => None,
+        };
+        let attr = |s: &Span, key: &str| match s.attributes.iter().find(|(k, _)| *k == key) {
+            Some((_, Value::Str(t))) => kept(t),
+            _ => None,
+        };
+        let first = &spans[0];
+        assert_eq!(&*first.name, "GET /a");
+        for s in &spans {
+            let route = if s.side == Side::Server {
+                "http.route"
+            } else {
+                "url.template"
+            };
+            assert!(kept(&s.name).is_some(), "{s:?}");
+            assert_eq!(kept(&s.name), kept(&first.name));
+            assert!(attr(s, route).is_some(), "{s:?}");
+            assert!(attr(s, "network.peer.address").is_some(), "{s:?}");
+        }
+        let peer = |s: &Span| attr(s, "network.peer.address");
+        assert!(spans.windows(2).all(|w| peer(&w[0]) == peer(&w[1])));
+    }
+
+    #[test]
     fn a_call_from_another_thread_is_not_linked_by_thread() {
         let spans = nested(21, false);
         let call = find(&spans, 2, Side::Client)[0];
