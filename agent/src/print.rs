@@ -136,11 +136,10 @@ pub fn span_line(out: &mut String, span: &crate::trace::Span) {
     use std::fmt::Write as _;
     let attr = |k: &str| {
         span.attributes
-            .iter()
-            .find(|(n, _)| *n == k)
-            .map(|(_, v)| match v {
-                crate::http::attributes::Value::Str(s) => s.to_string(),
-                crate::http::attributes::Value::Int(i) => i.to_string(),
+            .get(k)
+            .map(|v| match v {
+                crate::http::attributes::Attr::Str(s) => s.to_string(),
+                crate::http::attributes::Attr::Int(i) => i.to_string(),
             })
             .unwrap_or_else(|| "-".into())
     };

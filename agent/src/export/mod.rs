@@ -755,9 +755,9 @@ async fn embedded_export(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::attributes::Side;
+    use crate::http::attributes::{Attributes, Side};
 
-    /// A server span without attributes, of process `info`.
+    /// A server span with the least attributes, of process `info`.
     fn plain_span(info: &Arc<ProcessInfo>, id: u8) -> Span {
         Span {
             trace_id: [7; 16],
@@ -769,7 +769,7 @@ mod tests {
             name: "GET".into(),
             start_unix_ns: 1,
             end_unix_ns: 2,
-            attributes: Vec::new(),
+            attributes: Attributes::least(Side::Server),
             error: None,
             flags: 1,
             trace_state: None,

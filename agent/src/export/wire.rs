@@ -17,7 +17,7 @@ use std::{mem::MaybeUninit, sync::Arc};
 use prost::bytes::Bytes;
 
 use crate::{
-    http::attributes::{Side, Value},
+    http::attributes::{Attr, Side, Value},
     trace::Span,
 };
 
@@ -121,20 +121,20 @@ fn put_fixed64(buf: &mut Out<'_>, field: u32, v: u64) {
 }
 
 /// `AnyValue` content.
-fn any_value_len(v: &Value) -> usize {
+fn any_value_len(v: Attr<'_>) -> usize {
     match v {
-        Value::Str(s) => len_field(1, s.len()),
+        Attr::Str(s) => len_field(1, s.len()),
         // int64 is a varint of the two's complement (10 bytes when negative).
-        Value::Int(i) => key_len(3) + varint_len(*i as u64),
+        Attr::Int(i) => key_len(3) + varint_len(i as u64),
     }
 }
 
 /// `KeyValue` content.
-fn key_value_len(key: &str, v: &Value) -> usize {
+fn key_value_len(key: &str, v: Attr<'_>) -> usize {
     len_field(1, key.len()) + len_field(2, any_value_len(v))
 }
 
-fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
+fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: Attr<'_>) {
     let any = any_value_len(v);
     let content = len_field(1, key.len()) + len_field(2, any);
     if content < 0x80 && field < 16 {
@@ -148,7 +148,7 @@ fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
         ]);
         buf.slice(key.as_bytes());
         match v {
-            Value::Str(s) => {
+            Attr::Str(s) => {
                 buf.slice(&[
                     (2 << 3 | LEN) as u8,
                     any as u8,
@@ -157,9 +157,9 @@ fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
                 ]);
                 buf.slice(s.as_bytes());
             }
-            Value::Int(i) => {
+            Attr::Int(i) => {
                 buf.slice(&[(2 << 3 | LEN) as u8, any as u8, (3 << 3 | VARINT) as u8]);
-                put_varint(buf, *i as u64);
+                put_varint(buf, i as u64);
             }
         }
         return;
@@ -168,10 +168,10 @@ fn put_key_value(buf: &mut Out<'_>, field: u32, key: &str, v: &Value) {
     put_bytes(buf, 1, key.as_bytes());
     put_len(buf, 2, any);
     match v {
-        Value::Str(s) => put_bytes(buf, 1, s.as_bytes()),
-        Value::Int(i) => {
+        Attr::Str(s) => put_bytes(buf, 1, s.as_bytes()),
+        Attr::Int(i) => {
             put_key(buf, 3, VARINT);
-            put_varint(buf, *i as u64);
+            put_varint(buf, i as u64);
         }
     }
 }
@@ -200,9 +200,8 @@ fn span_len(s: &Span) -> usize {
     }
     // kind, start and end, flags.
     n += key_len(6) + 1 + 2 * (key_len(7) + 8) + key_len(16) + 4;
-    for (k, v) in &s.attributes {
-        n += len_field(9, key_value_len(k, v));
-    }
+    s.attributes
+        .each(|k, v| n += len_field(9, key_value_len(k, v)));
     if let Some(message) = &s.error {
         n += len_field(15, status_len(message));
     }
@@ -232,9 +231,7 @@ fn put_span(buf: &mut Out<'_>, s: &Span, len: usize) {
     );
     put_fixed64(buf, 7, s.start_unix_ns);
     put_fixed64(buf, 8, s.end_unix_ns.max(s.start_unix_ns));
-    for (k, v) in &s.attributes {
-        put_key_value(buf, 9, k, v);
-    }
+    s.attributes.each(|k, v| put_key_value(buf, 9, k, v));
     if let Some(message) = &s.error {
         put_len(buf, 15, status_len(message));
         if !message.is_empty() {
@@ -257,11 +254,11 @@ fn put_span(buf: &mut Out<'_>, s: &Span, len: usize) {
 pub fn resource(attributes: &[(String, Value)]) -> Vec<u8> {
     let len = attributes
         .iter()
-        .map(|(k, v)| len_field(1, key_value_len(k, v)))
+        .map(|(k, v)| len_field(1, key_value_len(k, v.as_attr())))
         .sum();
     encoded(len, |buf| {
         for (k, v) in attributes {
-            put_key_value(buf, 1, k, v);
+            put_key_value(buf, 1, k, v.as_attr());
         }
     })
 }
@@ -354,9 +351,9 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-    use crate::trace::process::ProcessInfo;
+    use crate::{http::attributes::Attributes, trace::process::ProcessInfo};
 
-    fn span(remote: bool, error: Option<&str>, attributes: Vec<(&'static str, Value)>) -> Span {
+    fn span(remote: bool, error: Option<&str>, attributes: Attributes) -> Span {
         Span {
             trace_id: [7; 16],
             span_id: [8; 8],
@@ -405,20 +402,22 @@ mod tests {
         let a = span(
             true,
             Some("boom"),
-            vec![
-                ("http.response.status_code", Value::Int(500)),
-                ("negative", Value::Int(-3)),
-                ("zero", Value::Int(0)),
-                ("url.path", Value::Str("/x".into())),
-                ("empty", Value::Str(String::new().into())),
-                ("long", Value::Str(long.clone().into())),
-            ],
+            Attributes {
+                status: Some(500),
+                path: "/x".into(),
+                query: Some(String::new()),
+                user_agent: Some(long.clone().into()),
+                error_type: Some("500".into()),
+                route: Some("/{id}".into()),
+                link: Some("header"),
+                ..Attributes::least(Side::Server)
+            },
         );
-        let mut b = span(false, Some(""), Vec::new());
+        let mut b = span(false, Some(""), Attributes::least(Side::Client));
         b.side = Side::Client;
         b.parent_span_id = None;
         b.trace_state = None;
-        let mut c = span(false, None, Vec::new());
+        let mut c = span(false, None, Attributes::least(Side::Server));
         c.name = "".into();
         let resource: Arc<[u8]> = resource(&[
             ("service.name".into(), Value::Str("svc".into())),
@@ -470,15 +469,53 @@ mod tests {
             (status.code, status.message.as_str()),
             (StatusCode::Error as i32, "boom")
         );
-        let value = |i: usize| p.attributes[i].value.as_ref().unwrap().value.clone();
-        assert_eq!(p.attributes.len(), 6);
-        assert_eq!(value(0), Some(any_value::Value::IntValue(500)));
-        assert_eq!(value(1), Some(any_value::Value::IntValue(-3)));
-        assert_eq!(value(2), Some(any_value::Value::IntValue(0)));
-        assert_eq!(value(3), Some(any_value::Value::StringValue("/x".into())));
-        assert_eq!(value(4), Some(any_value::Value::StringValue(String::new())));
-        assert_eq!(value(5), Some(any_value::Value::StringValue(long)));
-        assert_eq!(p.attributes[5].key, "long");
+        // Every attribute the span has, in order, and each as it was.
+        let mut want = Vec::new();
+        a.attributes.each(|k, v| {
+            want.push((
+                k.to_string(),
+                Some(match v {
+                    Attr::Str(s) => any_value::Value::StringValue(s.into()),
+                    Attr::Int(i) => any_value::Value::IntValue(i),
+                }),
+            ))
+        });
+        let got: Vec<_> = p
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.as_ref().unwrap().value.clone()))
+            .collect();
+        assert_eq!(got, want);
+        let value = |key: &str| got.iter().find(|(k, _)| k == key).unwrap().1.clone();
+        assert_eq!(
+            value("http.response.status_code"),
+            Some(any_value::Value::IntValue(500))
+        );
+        assert_eq!(
+            value("http.request.body.size"),
+            Some(any_value::Value::IntValue(0))
+        );
+        assert_eq!(
+            value("url.path"),
+            Some(any_value::Value::StringValue("/x".into()))
+        );
+        assert_eq!(
+            value("url.query"),
+            Some(any_value::Value::StringValue(String::new()))
+        );
+        assert_eq!(
+            value("user_agent.original"),
+            Some(any_value::Value::StringValue(long))
+        );
+        assert_eq!(
+            value("http.route"),
+            Some(any_value::Value::StringValue("/{id}".into()))
+        );
+        assert_eq!(
+            value("wirespan.link"),
+            Some(any_value::Value::StringValue("header".into()))
+        );
+        assert_eq!(got.len(), 18);
         let q = &spans[1];
         assert_eq!(q.kind, SpanKind::Client as i32);
         assert_eq!(q.flags, 1 | HAS_IS_REMOTE);
@@ -496,21 +533,19 @@ mod tests {
         // An attribute's content is its key and value plus 6 bytes: 127 is the largest whose
         // lengths all fit in one byte each.
         let values: Vec<String> = (110..=125).map(|n| "v".repeat(n)).collect();
-        let mut attributes: Vec<(&'static str, Value)> = values
+        let mut attributes: Vec<(String, Value)> = values
             .iter()
-            .map(|v| ("edge", Value::Str(v.clone().into())))
+            .map(|v| ("edge".into(), Value::Str(v.clone().into())))
             .collect();
         for i in [i64::MIN, -1, 0, 127, 128, 1 << 40, i64::MAX] {
-            attributes.push(("int", Value::Int(i)));
+            attributes.push(("int".into(), Value::Int(i)));
         }
-        attributes.push(("k".repeat(120).leak(), Value::Int(1 << 20)));
-        let s = span(false, None, attributes.clone());
-        let groups = [Group {
-            resource: resource_of("p"),
-            spans: vec![&s],
-        }];
-        let req = decode(&groups);
-        let got = &req.resource_spans[0].scope_spans[0].spans[0].attributes;
+        attributes.push(("k".repeat(120), Value::Int(1 << 20)));
+        let got = opentelemetry_proto::tonic::resource::v1::Resource::decode(
+            resource(&attributes).as_slice(),
+        )
+        .expect("a valid Resource")
+        .attributes;
         assert_eq!(got.len(), attributes.len());
         for (g, (k, v)) in got.iter().zip(&attributes) {
             assert_eq!(g.key, *k);
@@ -519,6 +554,28 @@ mod tests {
                 Value::Int(i) => any_value::Value::IntValue(*i),
             };
             assert_eq!(g.value.as_ref().unwrap().value, Some(want));
+        }
+        // And in a span: a path either side of the one-byte length.
+        for n in 110..=125 {
+            let s = span(
+                false,
+                None,
+                Attributes {
+                    path: "p".repeat(n),
+                    ..Attributes::least(Side::Server)
+                },
+            );
+            let groups = [Group {
+                resource: resource_of("p"),
+                spans: vec![&s],
+            }];
+            let req = decode(&groups);
+            let got = &req.resource_spans[0].scope_spans[0].spans[0].attributes;
+            let path = got.iter().find(|kv| kv.key == "url.path").unwrap();
+            assert_eq!(
+                path.value.as_ref().unwrap().value,
+                Some(any_value::Value::StringValue("p".repeat(n)))
+            );
         }
     }
 
@@ -533,11 +590,7 @@ mod tests {
 
     #[test]
     fn grpc_body_is_the_message_behind_its_prefix() {
-        let s = span(
-            false,
-            Some("boom"),
-            vec![("url.path", Value::Str("/a".into()))],
-        );
+        let s = span(false, Some("boom"), Attributes::least(Side::Server));
         let groups = [Group {
             resource: resource_of("p"),
             spans: vec![&s],

@@ -63,13 +63,160 @@ impl From<String> for Text {
     }
 }
 
-pub type Attributes = Vec<(&'static str, Value)>;
+/// An attribute value as a span holds it, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attr<'a> {
+    Str(&'a str),
+    Int(i64),
+}
 
-/// Strings that recur from span to span (route templates, span names, addresses), kept for the
-/// agent's lifetime so that spans refer to them: no allocation, no reference count, nothing for
-/// the export threads to free (a span's blocks, freed there, cost the event thread's allocator
-/// most: docs/BENCHMARKS.md). Bounded: past [`Interner::MAX`] strings or
-/// [`Interner::MAX_BYTES`], a string is the span's own as before.
+impl Value {
+    pub fn as_attr(&self) -> Attr<'_> {
+        match self {
+            Value::Str(s) => Attr::Str(s),
+            Value::Int(i) => Attr::Int(*i),
+        }
+    }
+}
+
+impl From<Attr<'_>> for Value {
+    fn from(a: Attr<'_>) -> Self {
+        match a {
+            Attr::Str(s) => Value::Str(Text::Owned(s.to_string())),
+            Attr::Int(i) => Value::Int(i),
+        }
+    }
+}
+
+/// A span's attributes, by the HTTP semantic conventions: each in its own field, held inline
+/// in the span. Not a list of key-value pairs: that was a block of 720 bytes per span, made
+/// on the event thread and freed on an export thread, the largest of a span's blocks
+/// (docs/BENCHMARKS.md). [`Attributes::each`] walks them in the order they are exported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attributes {
+    pub side: Side,
+    /// `http.request.method`: a registered method, or `_OTHER` (the method as sent is then
+    /// `http.request.method_original`).
+    pub method: &'static str,
+    pub method_original: Option<Text>,
+    /// `url.full`, on client spans.
+    pub url_full: Option<String>,
+    pub path: String,
+    /// Redacted unless asked otherwise (`Exchange::redact_query`).
+    pub query: Option<String>,
+    pub server_address: Text,
+    pub server_port: u16,
+    /// The other end of the connection: `network.peer.*`, and `client.*` on server spans.
+    pub peer_address: Text,
+    pub peer_port: u16,
+    pub version: &'static str,
+    pub user_agent: Option<Text>,
+    pub status: Option<u16>,
+    pub request_body: u64,
+    /// Exported with a status only.
+    pub response_body: u64,
+    pub error_type: Option<Text>,
+    /// `http.route` on server spans, `url.template` on client spans.
+    pub route: Option<Text>,
+    /// `wirespan.link`: how the parent was found.
+    pub link: Option<&'static str>,
+}
+
+impl Attributes {
+    /// Calls `f` with each attribute that has a value, in export order.
+    #[inline]
+    pub fn each<'a>(&'a self, mut f: impl FnMut(&'static str, Attr<'a>)) {
+        use Attr::{Int, Str};
+        if let Some(m) = &self.method_original {
+            f("http.request.method_original", Str(m));
+        }
+        f("http.request.method", Str(self.method));
+        if let Some(u) = &self.url_full {
+            f("url.full", Str(u));
+        }
+        f("url.path", Str(&self.path));
+        if let Some(q) = &self.query {
+            f("url.query", Str(q));
+        }
+        f("url.scheme", Str("http"));
+        if self.side == Side::Server {
+            f("client.address", Str(&self.peer_address));
+            f("client.port", Int(self.peer_port.into()));
+        }
+        f("server.address", Str(&self.server_address));
+        f("server.port", Int(self.server_port.into()));
+        f("network.peer.address", Str(&self.peer_address));
+        f("network.peer.port", Int(self.peer_port.into()));
+        f("network.protocol.version", Str(self.version));
+        if let Some(ua) = &self.user_agent {
+            f("user_agent.original", Str(ua));
+        }
+        if let Some(code) = self.status {
+            f("http.response.status_code", Int(code.into()));
+        }
+        f("http.request.body.size", Int(self.request_body as i64));
+        if self.status.is_some() {
+            f("http.response.body.size", Int(self.response_body as i64));
+        }
+        if let Some(e) = &self.error_type {
+            f("error.type", Str(e));
+        }
+        if let Some(r) = &self.route {
+            let key = match self.side {
+                Side::Server => "http.route",
+                Side::Client => "url.template",
+            };
+            f(key, Str(r));
+        }
+        if let Some(l) = self.link {
+            f("wirespan.link", Str(l));
+        }
+    }
+
+    /// A span's attributes with the least in them, for tests: a request for `/` from
+    /// 127.0.0.1:50000 to 127.0.0.1:8080, not answered.
+    #[cfg(test)]
+    pub fn least(side: Side) -> Self {
+        Attributes {
+            side,
+            method: "GET",
+            method_original: None,
+            url_full: None,
+            path: "/".into(),
+            query: None,
+            server_address: "127.0.0.1".into(),
+            server_port: 8080,
+            peer_address: "127.0.0.1".into(),
+            peer_port: 50000,
+            version: "1.1",
+            user_agent: None,
+            status: None,
+            request_body: 0,
+            response_body: 0,
+            error_type: None,
+            route: None,
+            link: None,
+        }
+    }
+
+    /// The value of attribute `key`, if the span has it.
+    pub fn get(&self, key: &str) -> Option<Attr<'_>> {
+        let mut found = None;
+        self.each(|k, v| {
+            if k == key {
+                found = Some(v);
+            }
+        });
+        found
+    }
+}
+
+/// Strings that recur from span to span (route templates, span names, addresses, `Host` names,
+/// user agents, error statuses), kept for the agent's lifetime so that spans refer to them: no
+/// allocation, no reference count, nothing for the export threads to free (a span's blocks,
+/// freed there, cost the event thread's allocator most: docs/BENCHMARKS.md). Bounded: past
+/// [`Interner::MAX`] strings or [`Interner::MAX_BYTES`], and for a string longer than
+/// [`Interner::MAX_LEN`], a string is the span's own.
 #[derive(Debug, Default)]
 pub struct Interner {
     kept: rustc_hash::FxHashSet<&'static str>,
@@ -82,13 +229,18 @@ pub struct Interner {
 impl Interner {
     pub const MAX: usize = 4096;
     pub const MAX_BYTES: usize = 256 << 10;
+    /// Longer strings are not kept: a few would take the room of many.
+    pub const MAX_LEN: usize = 512;
 
     /// `s` as a kept string when it is one or there is room for it, else a copy of it.
     pub fn text(&mut self, s: &str) -> Text {
         if let Some(&kept) = self.kept.get(s) {
             return Text::Static(kept);
         }
-        if self.kept.len() >= Self::MAX || self.bytes + s.len() > Self::MAX_BYTES {
+        if self.kept.len() >= Self::MAX
+            || s.len() > Self::MAX_LEN
+            || self.bytes + s.len() > Self::MAX_BYTES
+        {
             return Text::Owned(s.to_string());
         }
         self.bytes += s.len();
@@ -189,17 +341,10 @@ pub fn redact_query(query: &str) -> String {
         .join("&")
 }
 
-/// `Host` split into name and port; brackets of an IPv6 literal removed. The name is the
-/// value itself cut short (no copy) unless it does not start the value (brackets, leading
-/// whitespace).
-pub fn split_host(mut host: String) -> (String, Option<u16>) {
-    let (name, port) = host_parts(&host);
-    if name.start == 0 {
-        host.truncate(name.end);
-        (host, port)
-    } else {
-        (host[name].to_string(), port)
-    }
+/// `Host` split into name and port; brackets of an IPv6 literal removed.
+pub fn split_host(host: &str) -> (&str, Option<u16>) {
+    let (name, port) = host_parts(host);
+    (&host[name], port)
 }
 
 /// Where the name is in a `Host` value, and its port.
@@ -245,8 +390,8 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Exchange<'a> {
     pub side: Side,
-    /// The request's head. [`attributes`] takes its target and the values of `Host` and
-    /// `User-Agent` into the span's attributes (no copy): the head is not read after them.
+    /// The request's head. [`attributes`] takes its target into the span's attributes (no
+    /// copy): the head is not read after them.
     pub request: &'a mut Head,
     pub response_status: Option<u16>,
     pub outcome: Outcome,
@@ -281,38 +426,25 @@ pub fn ip_text(addr: &SocketAddr) -> String {
     addr.ip().to_canonical().to_string()
 }
 
-/// The first value of a kept field, taken out of the head.
-fn take_header(head: &mut Head, name: &str) -> Option<String> {
-    head.headers
-        .iter_mut()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| std::mem::take(v))
-}
-
-/// The span's attributes, and the route of the request's path (none for CONNECT, whose
-/// target is an authority) as `route` makes it. The request's target and its `Host` and
-/// `User-Agent` values are moved into the attributes (see [`Exchange::request`]).
+/// The span's attributes, built from the exchange. The request's target is moved into them
+/// (see [`Exchange::request`]); the route of the
+/// request's path (none for CONNECT, whose target is an authority) is what `route` makes of
+/// it. A `Host` name, a user agent and an error's status are kept in `interner` when there is
+/// room: they recur from span to span.
 pub fn attributes(
     ex: &mut Exchange<'_>,
-    route: impl FnOnce(&str) -> Text,
-) -> (Attributes, Option<Text>) {
+    interner: &mut Interner,
+    route: impl FnOnce(&str, &mut Interner) -> Text,
+) -> Attributes {
     let req = &mut *ex.request;
-    let mut a: Attributes = Vec::with_capacity(18);
-    let method = match registered_method(&req.method) {
-        Some(m) => Text::Static(m),
-        None => {
-            a.push((
-                "http.request.method_original",
-                Value::Str(req.method.clone()),
-            ));
-            Text::Static("_OTHER")
-        }
+    let (method, method_original) = match registered_method(&req.method) {
+        Some(m) => (m, None),
+        None => ("_OTHER", Some(req.method.clone())),
     };
-    a.push(("http.request.method", Value::Str(method)));
     // Everything that reads the target or `Host` as sent, before they are taken.
-    let (path, route, query, full) = {
+    let (path, route, query, url_full) = {
         let parts = target_parts(req);
-        let route = parts.map(|(path, _)| route(path));
+        let route = parts.map(|(path, _)| route(path, interner));
         let (path, query) = parts.unwrap_or(("", None));
         let query = query.map(|q| {
             if ex.redact_query {
@@ -348,53 +480,46 @@ pub fn attributes(
         }
         Err(copied) => copied,
     };
-    let host = take_header(req, "host").map(split_host);
-    let user_agent = take_header(req, "user-agent");
+    let host = req.header("host").map(|h| {
+        let (name, port) = split_host(h);
+        (interner.text(name), port)
+    });
+    let user_agent = req.header("user-agent").map(|ua| interner.text(ua));
     let (server_address, server_port): (Text, u16) = match (host, ex.side) {
-        (Some((h, p)), Side::Client) => (h.into(), p.unwrap_or(ex.remote.port())),
-        (Some((h, p)), Side::Server) => (h.into(), p.unwrap_or(ex.local.port())),
+        (Some((h, p)), Side::Client) => (h, p.unwrap_or(ex.remote.port())),
+        (Some((h, p)), Side::Server) => (h, p.unwrap_or(ex.local.port())),
         (None, Side::Client) => (ex.remote_ip.clone(), ex.remote.port()),
         (None, Side::Server) => (ex.local_ip.clone(), ex.local.port()),
     };
-    if let Some(full) = full {
-        a.push(("url.full", Value::Str(full.into())));
+    let error_type = match (&ex.outcome, error(ex)) {
+        (Outcome::CutOff, _) => Some(Text::Static("connection_closed")),
+        (Outcome::Response(code), Some(_)) => Some(interner.text_of(|s| {
+            let _ = std::fmt::Write::write_fmt(s, format_args!("{code}"));
+        })),
+        _ => None,
+    };
+    Attributes {
+        side: ex.side,
+        method,
+        method_original,
+        url_full,
+        path,
+        query,
+        server_address,
+        server_port,
+        peer_address: ex.remote_ip.clone(),
+        peer_port: ex.remote.port(),
+        version: if ex.request.version == 0 {
+            "1.0"
+        } else {
+            "1.1"
+        },
+        user_agent,
+        status: ex.response_status,
+        request_body: ex.request_body,
+        response_body: ex.response_body,
+        error_type,
+        route,
+        link: None,
     }
-    a.push(("url.path", Value::Str(path.into())));
-    if let Some(q) = query {
-        a.push(("url.query", Value::Str(q.into())));
-    }
-    a.push(("url.scheme", Value::Str("http".into())));
-    if ex.side == Side::Server {
-        a.push(("client.address", Value::Str(ex.remote_ip.clone())));
-        a.push(("client.port", Value::Int(ex.remote.port() as i64)));
-    }
-    a.push(("server.address", Value::Str(server_address)));
-    a.push(("server.port", Value::Int(server_port as i64)));
-    a.push(("network.peer.address", Value::Str(ex.remote_ip.clone())));
-    a.push(("network.peer.port", Value::Int(ex.remote.port() as i64)));
-    a.push((
-        "network.protocol.version",
-        Value::Str(Text::Static(if req.version == 0 { "1.0" } else { "1.1" })),
-    ));
-    if let Some(ua) = user_agent {
-        a.push(("user_agent.original", Value::Str(ua.into())));
-    }
-    if let Some(code) = ex.response_status {
-        a.push(("http.response.status_code", Value::Int(code as i64)));
-    }
-    a.push(("http.request.body.size", Value::Int(ex.request_body as i64)));
-    if ex.response_status.is_some() {
-        a.push((
-            "http.response.body.size",
-            Value::Int(ex.response_body as i64),
-        ));
-    }
-    match (&ex.outcome, error(ex)) {
-        (Outcome::CutOff, _) => a.push(("error.type", Value::Str("connection_closed".into()))),
-        (Outcome::Response(code), Some(_)) => {
-            a.push(("error.type", Value::Str(code.to_string().into())))
-        }
-        _ => {}
-    }
-    (a, route)
 }

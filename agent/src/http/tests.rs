@@ -532,17 +532,22 @@ fn exchange<'a>(side: Side, req: &'a mut Head, outcome: Outcome) -> Exchange<'a>
 }
 
 /// A route: the path as it is.
-fn route(path: &str) -> attributes::Text {
+fn route(path: &str, _: &mut attributes::Interner) -> attributes::Text {
     path.to_string().into()
+}
+
+/// The attributes of an exchange, with the path as its route.
+fn attributes_of(ex: &mut Exchange<'_>) -> attributes::Attributes {
+    attributes::attributes(ex, &mut attributes::Interner::default(), route)
 }
 
 /// The attributes of an exchange of `req` answered with a 200.
 fn answered(side: Side, req: &mut Head) -> attributes::Attributes {
-    attributes::attributes(&mut exchange(side, req, Outcome::Response(200)), route).0
+    attributes_of(&mut exchange(side, req, Outcome::Response(200)))
 }
 
-fn attr<'a>(a: &'a attributes::Attributes, k: &str) -> Option<&'a Value> {
-    a.iter().find(|(n, _)| *n == k).map(|(_, v)| v)
+fn attr(a: &attributes::Attributes, k: &str) -> Option<Value> {
+    a.get(k).map(Value::from)
 }
 
 #[test]
@@ -550,22 +555,16 @@ fn server_span_attributes_and_redacted_query() {
     let mut req = head_with(&[("host", "shop.local:8080"), ("user-agent", "curl/8")]);
     req.target = "/users/42?token=abc&x=1".into();
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
-    let (a, _) = attributes::attributes(&mut ex, route);
+    let a = attributes_of(&mut ex);
     let s = |v: &str| Some(Value::Str(v.to_string().into()));
-    assert_eq!(attr(&a, "http.request.method").cloned(), s("GET"));
-    assert_eq!(attr(&a, "url.path").cloned(), s("/users/42"));
-    assert_eq!(
-        attr(&a, "url.query").cloned(),
-        s("token=REDACTED&x=REDACTED")
-    );
-    assert_eq!(attr(&a, "server.address").cloned(), s("shop.local"));
-    assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(8080)));
-    assert_eq!(attr(&a, "client.port").cloned(), Some(Value::Int(50000)));
-    assert_eq!(attr(&a, "user_agent.original").cloned(), s("curl/8"));
-    assert_eq!(
-        attr(&a, "http.response.status_code").cloned(),
-        Some(Value::Int(200))
-    );
+    assert_eq!(attr(&a, "http.request.method"), s("GET"));
+    assert_eq!(attr(&a, "url.path"), s("/users/42"));
+    assert_eq!(attr(&a, "url.query"), s("token=REDACTED&x=REDACTED"));
+    assert_eq!(attr(&a, "server.address"), s("shop.local"));
+    assert_eq!(attr(&a, "server.port"), Some(Value::Int(8080)));
+    assert_eq!(attr(&a, "client.port"), Some(Value::Int(50000)));
+    assert_eq!(attr(&a, "user_agent.original"), s("curl/8"));
+    assert_eq!(attr(&a, "http.response.status_code"), Some(Value::Int(200)));
     assert_eq!(attributes::error(&ex), None);
     // The name is the method, never the path; with a route, the method and the route.
     let mut i = attributes::Interner::default();
@@ -585,12 +584,9 @@ fn status_rules() {
     assert!(e(Side::Client, Outcome::Response(404)));
     assert!(!e(Side::Client, Outcome::Response(302)));
     assert!(e(Side::Server, Outcome::CutOff));
-    let (a, _) = attributes::attributes(
-        &mut exchange(Side::Client, &mut req, Outcome::CutOff),
-        route,
-    );
+    let a = attributes_of(&mut exchange(Side::Client, &mut req, Outcome::CutOff));
     assert_eq!(
-        attr(&a, "error.type").cloned(),
+        attr(&a, "error.type"),
         Some(Value::Str("connection_closed".into()))
     );
 }
@@ -601,13 +597,10 @@ fn client_span_full_url() {
     req.target = "/p?q=secret".into();
     let a = answered(Side::Client, &mut req);
     assert_eq!(
-        attr(&a, "url.full").cloned(),
+        attr(&a, "url.full"),
         Some(Value::Str("http://[::1]:9000/p?q=REDACTED".into()))
     );
-    assert_eq!(
-        attr(&a, "server.address").cloned(),
-        Some(Value::Str("::1".into()))
-    );
+    assert_eq!(attr(&a, "server.address"), Some(Value::Str("::1".into())));
 }
 
 #[test]
@@ -618,17 +611,14 @@ fn target_and_fields_taken_from_the_head_are_the_values_sent() {
     req.target = "http://api.local/v1/items?id=7".into();
     let a = answered(Side::Client, &mut req);
     assert_eq!(
-        attr(&a, "url.full").cloned(),
+        attr(&a, "url.full"),
         s("http://api.local/v1/items?id=REDACTED")
     );
-    assert_eq!(attr(&a, "url.path").cloned(), s("/v1/items"));
-    assert_eq!(attr(&a, "url.query").cloned(), s("id=REDACTED"));
-    assert_eq!(attr(&a, "server.address").cloned(), s("api.local"));
-    assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(50000)));
-    assert_eq!(
-        attr(&a, "user_agent.original").cloned(),
-        s("Go-http-client/1.1")
-    );
+    assert_eq!(attr(&a, "url.path"), s("/v1/items"));
+    assert_eq!(attr(&a, "url.query"), s("id=REDACTED"));
+    assert_eq!(attr(&a, "server.address"), s("api.local"));
+    assert_eq!(attr(&a, "server.port"), Some(Value::Int(50000)));
+    assert_eq!(attr(&a, "user_agent.original"), s("Go-http-client/1.1"));
     // Without a path, and an origin-form target cut at its query; a name that does not
     // start the field's value.
     for (target, path) in [
@@ -640,20 +630,20 @@ fn target_and_fields_taken_from_the_head_are_the_values_sent() {
         req.target = target.into();
         let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
         // The route is made of the path alone, while the target is whole.
-        let (a, made_of) = attributes::attributes(&mut ex, route);
-        assert_eq!(made_of.as_deref(), Some(path), "{target}");
-        assert_eq!(attr(&a, "url.path").cloned(), s(path), "{target}");
-        assert_eq!(attr(&a, "server.address").cloned(), s("api.local"));
-        assert_eq!(attr(&a, "server.port").cloned(), Some(Value::Int(81)));
+        let a = attributes_of(&mut ex);
+        assert_eq!(a.route.as_deref(), Some(path), "{target}");
+        assert_eq!(attr(&a, "url.path"), s(path), "{target}");
+        assert_eq!(attr(&a, "server.address"), s("api.local"));
+        assert_eq!(attr(&a, "server.port"), Some(Value::Int(81)));
     }
     // CONNECT's target is an authority: no path, no query.
     let mut req = head_with(&[]);
     req.method = "CONNECT".into();
     req.target = "api.local:443".into();
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
-    let (a, made_of) = attributes::attributes(&mut ex, route);
-    assert_eq!(made_of, None, "no route for CONNECT");
-    assert_eq!(attr(&a, "url.path").cloned(), s(""));
+    let a = attributes_of(&mut ex);
+    assert_eq!(a.route, None, "no route for CONNECT");
+    assert_eq!(attr(&a, "url.path"), s(""));
     assert_eq!(attr(&a, "url.query"), None);
     // A field the head does not keep is no attribute.
     assert_eq!(attr(&a, "user_agent.original"), None);
@@ -665,7 +655,7 @@ fn unknown_method_is_other() {
     req.method = "PURGE".into();
     let a = answered(Side::Server, &mut req);
     assert_eq!(
-        attr(&a, "http.request.method").cloned(),
+        attr(&a, "http.request.method"),
         Some(Value::Str("_OTHER".into()))
     );
     let _ = Body::None;
@@ -729,11 +719,8 @@ fn query_values_are_kept_only_when_asked() {
     req.target = "/p?q=secret".into();
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
     ex.redact_query = false;
-    let (a, _) = attributes::attributes(&mut ex, route);
-    assert_eq!(
-        attr(&a, "url.query").cloned(),
-        Some(Value::Str("q=secret".into()))
-    );
+    let a = attributes_of(&mut ex);
+    assert_eq!(attr(&a, "url.query"), Some(Value::Str("q=secret".into())));
 }
 
 #[test]
@@ -757,8 +744,8 @@ fn request_targets_split_into_path_and_query() {
 
 #[test]
 fn host_fields_split_into_name_and_port() {
-    let split = |host: &str| attributes::split_host(host.to_string());
-    let s = |h: &str, p: Option<u16>| (h.to_string(), p);
+    let split = attributes::split_host;
+    let s = |h, p: Option<u16>| (h, p);
     assert_eq!(split("example.com:8080"), s("example.com", Some(8080)));
     assert_eq!(split(" example.com "), s("example.com", None));
     assert_eq!(split("[::1]:80"), s("::1", Some(80)));
@@ -837,10 +824,19 @@ fn interned_strings_are_kept_once_and_bounded() {
     assert!(matches!(late, Text::Owned(ref s) if s == "/late"));
     assert!(kept(&i.text("/7")).is_some());
     assert_eq!(i.kept().0, Interner::MAX);
-    // And in bytes.
+    // And in bytes: strings of the longest kept length fill it.
     let mut i = Interner::default();
-    let big = "x".repeat(Interner::MAX_BYTES / 2);
-    assert!(kept(&i.text(&big)).is_some());
-    assert!(kept(&i.text(&format!("{big}y"))).is_none());
-    assert!(kept(&i.text(&big)).is_some(), "the kept one is found");
+    let long = |n: usize| format!("{n:0width$}", width = Interner::MAX_LEN);
+    for n in 0..Interner::MAX_BYTES / Interner::MAX_LEN {
+        assert!(kept(&i.text(&long(n))).is_some(), "{n}");
+    }
+    assert_eq!(i.kept().1, Interner::MAX_BYTES);
+    assert!(kept(&i.text(&long(usize::MAX))).is_none());
+    assert!(kept(&i.text(&long(7))).is_some(), "the kept one is found");
+    // A longer string is never kept, however much room is left.
+    let mut i = Interner::default();
+    let longer = "x".repeat(Interner::MAX_LEN + 1);
+    assert!(kept(&i.text(&longer)).is_none());
+    assert_eq!(&*i.text(&longer), longer);
+    assert_eq!(i.kept(), (0, 0));
 }

@@ -34,7 +34,7 @@ use crate::{
     capture::{Direction, EventKind, SocketEvent},
     clock::WallClock,
     http::{
-        attributes::{self, Attributes, Exchange, Outcome, Side, Text, Value},
+        attributes::{self, Attributes, Exchange, Outcome, Side, Text},
         context::{self, Remote},
         framing::{self, Head, MessageKind, Output, Stream},
     },
@@ -903,19 +903,12 @@ impl Stitcher {
             response_body,
             redact_query: self.redact_query,
         };
-        let (routes, interner) = (&self.routes, &mut self.interner);
-        let (mut attrs, route) = attributes::attributes(&mut ex, |path| {
+        let routes = &self.routes;
+        let attrs = attributes::attributes(&mut ex, &mut self.interner, |path, interner| {
             interner.text_of(|s| routes.route_into(path, s))
         });
         let error = attributes::error(&ex);
-        let name = attributes::span_name(&head.method, route.as_deref(), &mut self.interner);
-        if let Some(r) = route {
-            let key = match side {
-                Side::Server => "http.route",
-                Side::Client => "url.template",
-            };
-            attrs.push((key, Value::Str(r)));
-        }
+        let name = attributes::span_name(&head.method, attrs.route.as_deref(), &mut self.interner);
         let now = self.now;
         if let Some(n) = self.nodes.get_mut(&p.id) {
             n.finished = Some(now);
@@ -1000,8 +993,7 @@ impl Stitcher {
             span.parent_span_id = Some(parent);
             span.parent_remote = remote;
             span.link = Some(link);
-            span.attributes
-                .push(("wirespan.link", Value::Str(link.as_str().into())));
+            span.attributes.link = Some(link.as_str());
         }
         out.push(span);
     }
@@ -1384,24 +1376,18 @@ mod tests {
             Text::Static(k) => Some(k.as_ptr()),
             Text::Owned(_) => None,
         };
-        let attr = |s: &Span, key: &str| match s.attributes.iter().find(|(k, _)| *k == key) {
-            Some((_, Value::Str(t))) => kept(t),
-            _ => None,
-        };
+        let route = |s: &Span| s.attributes.route.as_ref().and_then(kept);
         let first = &spans[0];
         assert_eq!(&*first.name, "GET /a");
         for s in &spans {
-            let route = if s.side == Side::Server {
-                "http.route"
-            } else {
-                "url.template"
-            };
             assert!(kept(&s.name).is_some(), "{s:?}");
             assert_eq!(kept(&s.name), kept(&first.name));
-            assert!(attr(s, route).is_some(), "{s:?}");
-            assert!(attr(s, "network.peer.address").is_some(), "{s:?}");
+            assert!(route(s).is_some(), "{s:?}");
+            assert_eq!(route(s), route(first));
+            assert!(kept(&s.attributes.peer_address).is_some(), "{s:?}");
+            assert!(kept(&s.attributes.server_address).is_some(), "{s:?}");
         }
-        let peer = |s: &Span| attr(s, "network.peer.address");
+        let peer = |s: &Span| kept(&s.attributes.peer_address);
         assert!(spans.windows(2).all(|w| peer(&w[0]) == peer(&w[1])));
     }
 
