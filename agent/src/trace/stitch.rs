@@ -164,15 +164,43 @@ enum Parent {
     Span(SpanId, Link),
     /// Context from a header that names no span of ours.
     Remote(Remote),
-    /// The client span at the other end of the connection, if there is one, else the header.
+    /// The client span at the other end of the connection (found by the node's `peer_key`),
+    /// if there is one, else the header.
     Peer {
-        key: PeerKey,
         header: Option<Remote>,
     },
 }
 
-/// Client endpoint, server endpoint, and the request's byte offset on the connection.
-type PeerKey = (SocketAddr, SocketAddr, u64);
+/// Client endpoint, server endpoint, and the request's byte offset on the connection: the
+/// addresses exactly, as IPv6 (an IPv4 one mapped), in 48 bytes (a `SocketAddr` pair takes 64
+/// and hashes field by field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PeerKey {
+    client_ip: [u64; 2],
+    server_ip: [u64; 2],
+    /// Client port in the high half, server port in the low.
+    ports: u32,
+    offset: u64,
+}
+
+impl PeerKey {
+    fn new(client: SocketAddr, server: SocketAddr, offset: u64) -> Self {
+        let ip = |a: &SocketAddr| {
+            let v6 = match a.ip() {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                std::net::IpAddr::V6(v6) => v6,
+            };
+            let b = u128::from(v6);
+            [(b >> 64) as u64, b as u64]
+        };
+        PeerKey {
+            client_ip: ip(&client),
+            server_ip: ip(&server),
+            ports: u32::from(client.port()) << 16 | u32::from(server.port()),
+            offset,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 struct Resolved {
@@ -192,6 +220,8 @@ struct Node {
     /// Not exported: the process made this span itself.
     suppressed: bool,
     finished: Option<Instant>,
+    /// The connection's key for this request: the one a client span is indexed by in
+    /// `Stitcher::clients`, the one a server span's `Parent::Peer` looks up.
     peer_key: Option<PeerKey>,
     /// Waiting in `Stitcher::deferred`.
     deferred: bool,
@@ -679,10 +709,8 @@ impl Stitcher {
                             p.received.insert((h.trace_id, h.span_id), id);
                         }
                         let parent = if conn.from_start {
-                            Parent::Peer {
-                                key: (conn.remote, conn.local, offset),
-                                header,
-                            }
+                            peer_key = Some(PeerKey::new(conn.remote, conn.local, offset));
+                            Parent::Peer { header }
                         } else {
                             match header {
                                 Some(h) => Parent::Remote(h),
@@ -700,13 +728,15 @@ impl Stitcher {
                     }
                     Side::Client => {
                         if conn.from_start {
-                            peer_key = Some((conn.local, conn.remote, offset));
+                            peer_key = Some(PeerKey::new(conn.local, conn.remote, offset));
                         }
                         self.client_parent(pid, tid, ev.comm(), header)
                     }
                 };
                 suppressed |= is_telemetry_export(&head);
-                if let Some(k) = peer_key {
+                if let Some(k) = peer_key
+                    && side == Side::Client
+                {
                     self.clients.insert(k, id);
                 }
                 self.nodes.insert(
@@ -941,8 +971,8 @@ impl Stitcher {
         if side == Side::Server {
             self.stats.server_spans += 1;
         }
-        let waiting_for_peer = match self.nodes.get(&p.id).map(|n| &n.parent) {
-            Some(Parent::Peer { key, .. }) => !self.clients.contains_key(key),
+        let waiting_for_peer = match self.nodes.get(&p.id).map(|n| (&n.parent, &n.peer_key)) {
+            Some((Parent::Peer { .. }, Some(key))) => !self.clients.contains_key(key),
             _ => false,
         };
         if waiting_for_peer {
@@ -1017,9 +1047,9 @@ impl Stitcher {
                 path.pop();
                 break;
             }
-            let next = match &node.parent {
-                Parent::Span(p, _) => Some(*p),
-                Parent::Peer { key, .. } => self
+            let next = match (&node.parent, &node.peer_key) {
+                (Parent::Span(p, _), _) => Some(*p),
+                (Parent::Peer { .. }, Some(key)) => self
                     .clients
                     .get(key)
                     .copied()
@@ -1071,17 +1101,14 @@ impl Stitcher {
         };
         match (&node.parent, parent) {
             (Parent::Span(pid, link), Some(p)) => inherit(p, *pid, *link),
-            (Parent::Peer { key, .. }, Some(p)) => {
-                let client = self.clients.get(key).copied().unwrap_or([0; 8]);
+            (Parent::Peer { .. }, Some(p)) => {
+                let client = node
+                    .peer_key
+                    .and_then(|key| self.clients.get(&key).copied())
+                    .unwrap_or([0; 8]);
                 inherit(p, client, Link::Connection)
             }
-            (
-                Parent::Peer {
-                    header: Some(h), ..
-                },
-                None,
-            )
-            | (Parent::Remote(h), _) => remote(h),
+            (Parent::Peer { header: Some(h) }, None) | (Parent::Remote(h), _) => remote(h),
             _ => self.new_root(),
         }
     }
@@ -1225,6 +1252,7 @@ impl Stitcher {
     /// Removes a span's node, and its client index entry if that still names this span.
     fn forget_node(&mut self, id: SpanId) {
         if let Some(n) = self.nodes.remove(&id)
+            && n.side == Side::Client
             && let Some(k) = n.peer_key
             && let Entry::Occupied(e) = self.clients.entry(k)
             && *e.get() == id
@@ -1596,11 +1624,11 @@ mod tests {
         let mut st = Stitcher::new(WallClock::from_pair(0, 0));
         let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
         for i in 0..20_000u64 {
-            st.clients.insert((any, any, i), [1; 8]);
+            st.clients.insert(PeerKey::new(any, any, i), [1; 8]);
             st.finished.push_back((st.now, [2; 8]));
         }
         let grown = (st.clients.capacity(), st.finished.capacity());
-        st.clients.retain(|k, _| k.2 < 10);
+        st.clients.retain(|k, _| k.offset < 10);
         st.finished.truncate(10);
         st.shrink_tables();
         assert!(grown.0 >= 20_000 && grown.1 >= 20_000);
@@ -1609,7 +1637,7 @@ mod tests {
         assert_eq!(st.clients.len(), 10);
         // A table in use keeps its room.
         for i in 0..5_000u64 {
-            st.clients.insert((any, any, i), [1; 8]);
+            st.clients.insert(PeerKey::new(any, any, i), [1; 8]);
         }
         let used = st.clients.capacity();
         st.shrink_tables();
