@@ -390,8 +390,8 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Exchange<'a> {
     pub side: Side,
-    /// The request's head. [`attributes`] takes its target into the span's attributes (no
-    /// copy): the head is not read after them.
+    /// The request's head. [`attributes`] takes its target and the values of `Host` and
+    /// `User-Agent` into the span's attributes (no copy): the head is not read after them.
     pub request: &'a mut Head,
     pub response_status: Option<u16>,
     pub outcome: Outcome,
@@ -426,11 +426,19 @@ pub fn ip_text(addr: &SocketAddr) -> String {
     addr.ip().to_canonical().to_string()
 }
 
-/// The span's attributes, built from the exchange. The request's target is moved into them
-/// (see [`Exchange::request`]); the route of the
+/// The first value of a kept field, taken out of the head.
+fn take_header(head: &mut Head, name: &str) -> Option<Text> {
+    head.headers
+        .iter_mut()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| std::mem::take(v))
+}
+
+/// The span's attributes, built from the exchange. The request's target and its `Host` and
+/// `User-Agent` values are moved into them (see [`Exchange::request`]); the route of the
 /// request's path (none for CONNECT, whose target is an authority) is what `route` makes of
-/// it. A `Host` name, a user agent and an error's status are kept in `interner` when there is
-/// room: they recur from span to span.
+/// it. A `Host` name (the field's value is kept by `Stream::feed`) and an error's status are
+/// kept in `interner` when there is room: they recur from span to span.
 pub fn attributes(
     ex: &mut Exchange<'_>,
     interner: &mut Interner,
@@ -480,11 +488,18 @@ pub fn attributes(
         }
         Err(copied) => copied,
     };
-    let host = req.header("host").map(|h| {
-        let (name, port) = split_host(h);
-        (interner.text(name), port)
+    // Kept values (`Stream::feed` interns these two) are cut and moved, not looked up again.
+    let host = take_header(req, "host").map(|h| match h {
+        Text::Static(h) => {
+            let (name, port) = split_host(h);
+            (Text::Static(name), port)
+        }
+        Text::Owned(h) => {
+            let (name, port) = split_host(&h);
+            (interner.text(name), port)
+        }
     });
-    let user_agent = req.header("user-agent").map(|ua| interner.text(ua));
+    let user_agent = take_header(req, "user-agent");
     let (server_address, server_port): (Text, u16) = match (host, ex.side) {
         (Some((h, p)), Side::Client) => (h, p.unwrap_or(ex.remote.port())),
         (Some((h, p)), Side::Server) => (h, p.unwrap_or(ex.local.port())),

@@ -196,7 +196,7 @@ pub fn extract(head: &Head) -> Result<Option<Remote>, Invalid> {
         .headers
         .iter()
         .filter(|(n, _)| *n == "traceparent")
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| &**v)
         .collect();
     match traceparents.as_slice() {
         [] => {}
@@ -207,7 +207,7 @@ pub fn extract(head: &Head) -> Result<Option<Remote>, Invalid> {
                 .headers
                 .iter()
                 .filter(|(n, _)| *n == "tracestate")
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| &**v)
                 .collect();
             let joined = state.join(",");
             if !joined.is_empty() && valid_tracestate(&joined) {

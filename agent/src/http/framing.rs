@@ -63,19 +63,32 @@ pub struct Head {
     /// `keep-alive`).
     pub close: bool,
     pub expect_continue: bool,
-    /// Fields listed in [`KEPT_HEADERS`], names lowercase, in order.
-    pub headers: Vec<(&'static str, String)>,
+    /// Fields listed in [`KEPT_HEADERS`], names lowercase, in order; inline up to two (a
+    /// request's `Host` and `User-Agent`, with no allocation of their own).
+    pub headers: Headers,
     /// Content-Length and Transfer-Encoding disagreed or were malformed.
     pub invalid_framing: bool,
 }
 
+/// A head's kept fields: name and value.
+pub type Headers = smallvec::SmallVec<[(&'static str, Text); 2]>;
+
+/// Fields whose values recur from request to request, kept once in the stitcher's interner:
+/// the others (trace context) are each request's own.
+const INTERNED_HEADERS: &[&str] = &["host", "user-agent"];
+
 impl Head {
     /// The first value of a kept field.
     pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_text(name).map(|v| &**v)
+    }
+
+    /// The first value of a kept field, as the head holds it.
+    pub fn header_text(&self, name: &str) -> Option<&Text> {
         self.headers
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 }
 
@@ -301,15 +314,18 @@ impl Stream {
 
     /// Feeds one call: `len` bytes at time `ts`, of which `data` (a prefix) was captured.
     /// `frame` decides how the body after each head is delimited.
+    ///
+    /// The values of `Host` and `User-Agent` are kept in `interner` when there is room.
     pub fn feed(
         &mut self,
         ts: u64,
         len: u64,
         data: &[u8],
         frame: &mut dyn FnMut(&Head) -> Body,
+        interner: &mut attributes::Interner,
         out: &mut Vec<Output>,
     ) {
-        self.feed_call(ts, len, data, frame, out);
+        self.feed_call(ts, len, data, frame, interner, out);
         self.total += len;
     }
 
@@ -319,6 +335,7 @@ impl Stream {
         len: u64,
         data: &[u8],
         frame: &mut dyn FnMut(&Head) -> Body,
+        interner: &mut attributes::Interner,
         out: &mut Vec<Output>,
     ) {
         let data = &data[..data.len().min(len as usize)];
@@ -393,14 +410,14 @@ impl Stream {
                     // A head that begins and ends in one call (nearly every one) is parsed where
                     // it lies; only a head spread over calls is gathered into `buf`.
                     let parsed = if before == 0 {
-                        let parsed = parse_head(&rest[..take], self.kind);
+                        let parsed = parse_head(&rest[..take], self.kind, interner);
                         if matches!(parsed, Parsed::Partial) {
                             buf.extend_from_slice(&rest[..take]);
                         }
                         parsed
                     } else {
                         buf.extend_from_slice(&rest[..take]);
-                        parse_head(buf, self.kind)
+                        parse_head(buf, self.kind, interner)
                     };
                     match parsed {
                         Parsed::Complete(mut head) => {
@@ -577,7 +594,11 @@ enum Parsed {
     Invalid,
 }
 
-fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
+fn parse_head(
+    buf: &[u8],
+    kind: Option<MessageKind>,
+    interner: &mut attributes::Interner,
+) -> Parsed {
     let kind = match kind {
         Some(k) => k,
         None => match message_start(buf, None) {
@@ -602,7 +623,7 @@ fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
                 head.method = attributes::method_text(req.method.unwrap_or_default());
                 head.target = req.path.unwrap_or_default().to_string();
                 head.version = req.version.unwrap_or(1);
-                fill_fields(&mut head, req.headers);
+                fill_fields(&mut head, req.headers, interner);
             }
             status
         }
@@ -612,7 +633,7 @@ fn parse_head(buf: &[u8], kind: Option<MessageKind>) -> Parsed {
             if let Ok(httparse::Status::Complete(_)) = status {
                 head.status = resp.code.unwrap_or_default();
                 head.version = resp.version.unwrap_or(1);
-                fill_fields(&mut head, resp.headers);
+                fill_fields(&mut head, resp.headers, interner);
             }
             status
         }
@@ -654,7 +675,11 @@ fn elements(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
+fn fill_fields(
+    head: &mut Head,
+    fields: &[httparse::Header<'_>],
+    interner: &mut attributes::Interner,
+) {
     let mut keep_alive = false;
     let mut close = false;
     for f in fields {
@@ -698,9 +723,15 @@ fn fill_fields(head: &mut Head, fields: &[httparse::Header<'_>]) {
                 }
             }
             Field::Expect => head.expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
-            Field::Kept(name) => head
-                .headers
-                .push((name, String::from_utf8_lossy(value).into_owned())),
+            Field::Kept(name) => {
+                let value = String::from_utf8_lossy(value);
+                let value = if INTERNED_HEADERS.contains(&name) {
+                    interner.text(&value)
+                } else {
+                    Text::Owned(value.into_owned())
+                };
+                head.headers.push((name, value));
+            }
         }
     }
     if head.chunked {

@@ -634,7 +634,14 @@ impl Stitcher {
                     framing::response_body(head, method)
                 }
             };
-            stream.feed(h.ts_ns, h.len, ev.payload, &mut frame, &mut outputs);
+            stream.feed(
+                h.ts_ns,
+                h.len,
+                ev.payload,
+                &mut frame,
+                &mut self.interner,
+                &mut outputs,
+            );
             if side.is_none() {
                 // Role of a connection seen midway: whoever reads requests serves them.
                 *side = match (dir, stream.kind()) {
@@ -1324,7 +1331,7 @@ mod tests {
 
     const IN: EventKind = EventKind::Data(Direction::Ingress);
     const OUT: EventKind = EventKind::Data(Direction::Egress);
-    const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    const REQ: &[u8] = b"GET /a HTTP/1.1\r\nHost: x:80\r\nUser-Agent: t/1\r\n\r\n";
     const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
     fn stitcher() -> Stitcher {
@@ -1397,7 +1404,7 @@ mod tests {
     }
 
     #[test]
-    fn spans_of_one_route_share_its_name_route_and_addresses() {
+    fn spans_of_one_route_share_its_name_route_addresses_and_user_agent() {
         let spans = nested(20, false);
         // The one kept copy of a string, or none if the span has its own.
         let kept = |t: &Text| match t {
@@ -1405,6 +1412,7 @@ mod tests {
             Text::Owned(_) => None,
         };
         let route = |s: &Span| s.attributes.route.as_ref().and_then(kept);
+        let user_agent = |s: &Span| s.attributes.user_agent.as_ref().and_then(kept);
         let first = &spans[0];
         assert_eq!(&*first.name, "GET /a");
         for s in &spans {
@@ -1414,6 +1422,10 @@ mod tests {
             assert_eq!(route(s), route(first));
             assert!(kept(&s.attributes.peer_address).is_some(), "{s:?}");
             assert!(kept(&s.attributes.server_address).is_some(), "{s:?}");
+            assert_eq!(&*s.attributes.server_address, "x");
+            assert_eq!(s.attributes.user_agent.as_deref(), Some("t/1"));
+            assert!(user_agent(s).is_some(), "{s:?}");
+            assert_eq!(user_agent(s), user_agent(first));
         }
         let peer = |s: &Span| kept(&s.attributes.peer_address);
         assert!(spans.windows(2).all(|w| peer(&w[0]) == peer(&w[1])));
