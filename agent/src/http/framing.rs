@@ -63,15 +63,16 @@ pub struct Head {
     /// `keep-alive`).
     pub close: bool,
     pub expect_continue: bool,
-    /// Fields listed in [`KEPT_HEADERS`], names lowercase, in order; inline up to two (a
-    /// request's `Host` and `User-Agent`, with no allocation of their own).
+    /// Fields listed in [`KEPT_HEADERS`], names lowercase, in order.
     pub headers: Headers,
     /// Content-Length and Transfer-Encoding disagreed or were malformed.
     pub invalid_framing: bool,
 }
 
-/// A head's kept fields: name and value.
-pub type Headers = smallvec::SmallVec<[(&'static str, Text); 2]>;
+/// A head's kept fields: name and value. A plain vector: kept inline, two fields made every
+/// head 64 bytes larger, and heads are moved several times on their way to a span (measured
+/// slower: docs/BENCHMARKS.md).
+pub type Headers = Vec<(&'static str, Text)>;
 
 /// Fields whose values recur from request to request, kept once in the stitcher's interner:
 /// the others (trace context) are each request's own.
