@@ -4,7 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wirespan::http::framing::{self, Head, MessageKind, Output, Stream};
+use wirespan::http::{
+    attributes::Interner,
+    framing::{self, Head, MessageKind, Output, Stream},
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, mut rest)) = data.split_first() else {
@@ -25,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         Some(MessageKind::Request) => framing::request_body(h),
         _ => framing::response_body(h, Some(method)),
     };
+    let mut interner = Interner::default();
     let mut out = Vec::new();
     let mut ts = 0;
     while rest.len() >= 3 {
@@ -38,7 +42,14 @@ fuzz_target!(|data: &[u8]| {
         // The true length may exceed what was captured (a gap the kernel did not copy).
         let true_len = (call.len() + (fraction & 7) * 1000) as u64;
         ts += 1;
-        s.feed(ts, true_len, &call[..captured], &mut frame, &mut out);
+        s.feed(
+            ts,
+            true_len,
+            &call[..captured],
+            &mut frame,
+            &mut interner,
+            &mut out,
+        );
     }
     s.close(ts + 1, &mut out);
     let mut open = 0i64;

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         let i = i.bytes().map(|b| b as usize).sum::<usize>() % KEPT_HEADERS.len();
-        head.headers.push((KEPT_HEADERS[i], v.to_string()));
+        head.headers.push((KEPT_HEADERS[i], v.to_string().into()));
     }
     if let Ok(Some(c)) = context::extract(&head) {
         assert_ne!(c.trace_id, [0; 16]);
