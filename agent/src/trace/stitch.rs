@@ -668,7 +668,10 @@ impl Stitcher {
                 Side::Server => Direction::Ingress,
                 Side::Client => Direction::Egress,
             };
-            for o in outputs.drain(..) {
+            // By reference: a head is taken out of the list where it is used, not moved
+            // through each call on the way (heads are large and most of them are responses,
+            // of which only the status is read).
+            for o in outputs.iter_mut() {
                 if dir == requests_dir {
                     self.request_output(conn, side, ev, o);
                 } else {
@@ -680,9 +683,16 @@ impl Stitcher {
         self.outputs = outputs;
     }
 
-    fn request_output(&mut self, conn: &mut Conn, side: Side, ev: &SocketEvent<'_>, o: Output) {
+    fn request_output(
+        &mut self,
+        conn: &mut Conn,
+        side: Side,
+        ev: &SocketEvent<'_>,
+        o: &mut Output,
+    ) {
         match o {
             Output::Head { head, ts, offset } => {
+                let (ts, offset) = (*ts, *offset);
                 if head.kind != Some(MessageKind::Request) {
                     return;
                 }
@@ -693,7 +703,7 @@ impl Stitcher {
                 let id = self.span_id();
                 let tid = ev.header.tid;
                 let pid = ev.header.pid;
-                let header = match context::extract(&head) {
+                let header = match context::extract(head) {
                     Ok(c) => c,
                     Err(_) => {
                         self.stats.invalid_trace_headers += 1;
@@ -701,7 +711,7 @@ impl Stitcher {
                     }
                 };
                 let mut peer_key = None;
-                if is_telemetry_export(&head) {
+                if is_telemetry_export(head) {
                     // OTLP export is telemetry plumbing, not the application's work: no span
                     // at either end, and a client that exports is instrumented already.
                     self.stats.telemetry_requests += 1;
@@ -740,7 +750,7 @@ impl Stitcher {
                         self.client_parent(pid, tid, ev.comm(), header)
                     }
                 };
-                suppressed |= is_telemetry_export(&head);
+                suppressed |= is_telemetry_export(head);
                 if let Some(k) = peer_key
                     && side == Side::Client
                 {
@@ -761,7 +771,7 @@ impl Stitcher {
                 );
                 conn.pending.push_back(Pending {
                     id,
-                    head,
+                    head: std::mem::take(head),
                     start_ts: ts,
                     request_body: 0,
                     tid,
@@ -771,7 +781,7 @@ impl Stitcher {
             }
             Output::End { body_bytes, .. } => {
                 if let Some(p) = conn.pending.back_mut() {
-                    p.request_body = body_bytes;
+                    p.request_body = *body_bytes;
                 }
             }
         }
@@ -828,11 +838,11 @@ impl Stitcher {
         conn: &mut Conn,
         side: Side,
         ev: &SocketEvent<'_>,
-        o: Output,
+        o: &mut Output,
         out: &mut Vec<Span>,
     ) {
-        match o {
-            Output::Head { head, .. } => {
+        match *o {
+            Output::Head { ref head, .. } => {
                 let Some(p) = conn.pending.iter_mut().find(|p| p.status.is_none()) else {
                     return;
                 };
