@@ -143,7 +143,7 @@ pub fn span_line(out: &mut String, span: &crate::trace::Span) {
             })
             .unwrap_or_else(|| "-".into())
     };
-    let kind = match span.side {
+    let kind = match span.attributes.side {
         crate::http::attributes::Side::Server => "SERVER",
         crate::http::attributes::Side::Client => "CLIENT",
     };

@@ -765,7 +765,6 @@ mod tests {
             parent_span_id: None,
             parent_remote: false,
             link: None,
-            side: Side::Server,
             name: "GET".into(),
             start_unix_ns: 1,
             end_unix_ns: 2,

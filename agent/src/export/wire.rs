@@ -186,6 +186,14 @@ fn status_len(message: &str) -> usize {
         + 1
 }
 
+/// A span's attributes in export order, and last how its parent was found.
+fn each_attribute<'a>(s: &'a Span, mut f: impl FnMut(&'static str, Attr<'a>)) {
+    s.attributes.each(&mut f);
+    if let Some(link) = s.link {
+        f("wirespan.link", Attr::Str(link.as_str()));
+    }
+}
+
 /// `Span` content.
 fn span_len(s: &Span) -> usize {
     let mut n = len_field(1, 16) + len_field(2, 8);
@@ -200,8 +208,7 @@ fn span_len(s: &Span) -> usize {
     }
     // kind, start and end, flags.
     n += key_len(6) + 1 + 2 * (key_len(7) + 8) + key_len(16) + 4;
-    s.attributes
-        .each(|k, v| n += len_field(9, key_value_len(k, v)));
+    each_attribute(s, |k, v| n += len_field(9, key_value_len(k, v)));
     if let Some(message) = &s.error {
         n += len_field(15, status_len(message));
     }
@@ -224,14 +231,14 @@ fn put_span(buf: &mut Out<'_>, s: &Span, len: usize) {
     put_key(buf, 6, VARINT);
     put_varint(
         buf,
-        match s.side {
+        match s.attributes.side {
             Side::Server => KIND_SERVER,
             Side::Client => KIND_CLIENT,
         },
     );
     put_fixed64(buf, 7, s.start_unix_ns);
     put_fixed64(buf, 8, s.end_unix_ns.max(s.start_unix_ns));
-    s.attributes.each(|k, v| put_key_value(buf, 9, k, v));
+    each_attribute(s, |k, v| put_key_value(buf, 9, k, v));
     if let Some(message) = &s.error {
         put_len(buf, 15, status_len(message));
         if !message.is_empty() {
@@ -360,7 +367,6 @@ mod tests {
             parent_span_id: Some([9; 8]),
             parent_remote: remote,
             link: None,
-            side: Side::Server,
             name: "GET /x".into(),
             start_unix_ns: 10,
             end_unix_ns: 5,
@@ -399,7 +405,7 @@ mod tests {
     #[test]
     fn spans_decode_as_otlp() {
         let long = "y".repeat(300);
-        let a = span(
+        let mut a = span(
             true,
             Some("boom"),
             Attributes {
@@ -409,12 +415,11 @@ mod tests {
                 user_agent: Some(long.clone().into()),
                 error_type: Some("500".into()),
                 route: Some("/{id}".into()),
-                link: Some("header"),
                 ..Attributes::least(Side::Server)
             },
         );
+        a.link = Some(crate::trace::Link::Header);
         let mut b = span(false, Some(""), Attributes::least(Side::Client));
-        b.side = Side::Client;
         b.parent_span_id = None;
         b.trace_state = None;
         let mut c = span(false, None, Attributes::least(Side::Server));
@@ -471,7 +476,7 @@ mod tests {
         );
         // Every attribute the span has, in order, and each as it was.
         let mut want = Vec::new();
-        a.attributes.each(|k, v| {
+        each_attribute(&a, |k, v| {
             want.push((
                 k.to_string(),
                 Some(match v {

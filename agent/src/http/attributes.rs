@@ -118,8 +118,6 @@ pub struct Attributes {
     pub error_type: Option<Text>,
     /// `http.route` on server spans, `url.template` on client spans.
     pub route: Option<Text>,
-    /// `wirespan.link`: how the parent was found.
-    pub link: Option<&'static str>,
 }
 
 impl Attributes {
@@ -168,9 +166,6 @@ impl Attributes {
             };
             f(key, Str(r));
         }
-        if let Some(l) = self.link {
-            f("wirespan.link", Str(l));
-        }
     }
 
     /// A span's attributes with the least in them, for tests: a request for `/` from
@@ -195,7 +190,6 @@ impl Attributes {
             response_body: 0,
             error_type: None,
             route: None,
-            link: None,
         }
     }
 
@@ -535,6 +529,5 @@ pub fn attributes(
         response_body: ex.response_body,
         error_type,
         route,
-        link: None,
     }
 }

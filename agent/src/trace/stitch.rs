@@ -97,8 +97,8 @@ pub struct Span {
     pub parent_span_id: Option<SpanId>,
     /// The parent is a span of another tracer (from a header).
     pub parent_remote: bool,
+    /// How the parent was found: exported as `wirespan.link`.
     pub link: Option<Link>,
-    pub side: Side,
     pub name: Text,
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
@@ -974,7 +974,6 @@ impl Stitcher {
             parent_span_id: None,
             parent_remote: false,
             link: None,
-            side,
             name,
             start_unix_ns: self.clock.to_unix_ns(p.start_ts),
             end_unix_ns: self.clock.to_unix_ns(end_ts),
@@ -1040,7 +1039,6 @@ impl Stitcher {
             span.parent_span_id = Some(parent);
             span.parent_remote = remote;
             span.link = Some(link);
-            span.attributes.link = Some(link.as_str());
         }
         out.push(span);
     }
@@ -1365,7 +1363,7 @@ mod tests {
     fn find(spans: &[Span], pid: u32, side: Side) -> Vec<&Span> {
         spans
             .iter()
-            .filter(|s| s.process.pid == pid && s.side == side)
+            .filter(|s| s.process.pid == pid && s.attributes.side == side)
             .collect()
     }
 
