@@ -360,7 +360,7 @@ mod tests {
     use super::*;
     use crate::{http::attributes::Attributes, trace::process::ProcessInfo};
 
-    fn span(remote: bool, error: Option<&str>, attributes: Attributes) -> Span {
+    fn span(remote: bool, error: Option<&'static str>, attributes: Attributes) -> Span {
         Span {
             trace_id: [7; 16],
             span_id: [8; 8],
@@ -371,7 +371,7 @@ mod tests {
             start_unix_ns: 10,
             end_unix_ns: 5,
             attributes,
-            error: error.map(String::from),
+            error,
             flags: 1,
             trace_state: Some("k=v".into()),
             process: Arc::new(ProcessInfo::default()),

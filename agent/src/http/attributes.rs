@@ -402,15 +402,15 @@ pub struct Exchange<'a> {
 }
 
 /// Span status: `Some(description)` marks an error.
-pub fn error(ex: &Exchange<'_>) -> Option<String> {
+pub fn error(ex: &Exchange<'_>) -> Option<&'static str> {
     match ex.outcome {
-        Outcome::CutOff => Some("connection closed before the response completed".into()),
+        Outcome::CutOff => Some("connection closed before the response completed"),
         Outcome::Response(code) => {
             let bad = match ex.side {
                 Side::Server => code >= 500,
                 Side::Client => code >= 400,
             };
-            bad.then(String::new)
+            bad.then_some("")
         }
     }
 }

@@ -104,7 +104,7 @@ pub struct Span {
     pub end_unix_ns: u64,
     pub attributes: Attributes,
     /// `Some` marks an error, with a description (possibly empty).
-    pub error: Option<String>,
+    pub error: Option<&'static str>,
     pub flags: u8,
     pub trace_state: Option<String>,
     pub process: Arc<ProcessInfo>,
