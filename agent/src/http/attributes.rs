@@ -71,19 +71,11 @@ pub enum Attr<'a> {
 }
 
 impl Value {
+    /// The value borrowed, as the encoder takes it (resource attributes are owned values).
     pub fn as_attr(&self) -> Attr<'_> {
         match self {
             Value::Str(s) => Attr::Str(s),
             Value::Int(i) => Attr::Int(*i),
-        }
-    }
-}
-
-impl From<Attr<'_>> for Value {
-    fn from(a: Attr<'_>) -> Self {
-        match a {
-            Attr::Str(s) => Value::Str(Text::Owned(s.to_string())),
-            Attr::Int(i) => Value::Int(i),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Framing, trace-context and attribute rules, one test each.
 
 use super::{
-    attributes::{self, Exchange, Outcome, Side, Value},
+    attributes::{self, Attr, Exchange, Outcome, Side},
     context::{self, Format},
     framing::{self, Body, Head, MessageKind, Output, Stream},
 };
@@ -556,8 +556,8 @@ fn answered(side: Side, req: &mut Head) -> attributes::Attributes {
     attributes_of(&mut exchange(side, req, Outcome::Response(200)))
 }
 
-fn attr(a: &attributes::Attributes, k: &str) -> Option<Value> {
-    a.get(k).map(Value::from)
+fn attr<'a>(a: &'a attributes::Attributes, k: &str) -> Option<Attr<'a>> {
+    a.get(k)
 }
 
 #[test]
@@ -566,15 +566,15 @@ fn server_span_attributes_and_redacted_query() {
     req.target = "/users/42?token=abc&x=1".into();
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
     let a = attributes_of(&mut ex);
-    let s = |v: &str| Some(Value::Str(v.to_string().into()));
+    let s = |v| Some(Attr::Str(v));
     assert_eq!(attr(&a, "http.request.method"), s("GET"));
     assert_eq!(attr(&a, "url.path"), s("/users/42"));
     assert_eq!(attr(&a, "url.query"), s("token=REDACTED&x=REDACTED"));
     assert_eq!(attr(&a, "server.address"), s("shop.local"));
-    assert_eq!(attr(&a, "server.port"), Some(Value::Int(8080)));
-    assert_eq!(attr(&a, "client.port"), Some(Value::Int(50000)));
+    assert_eq!(attr(&a, "server.port"), Some(Attr::Int(8080)));
+    assert_eq!(attr(&a, "client.port"), Some(Attr::Int(50000)));
     assert_eq!(attr(&a, "user_agent.original"), s("curl/8"));
-    assert_eq!(attr(&a, "http.response.status_code"), Some(Value::Int(200)));
+    assert_eq!(attr(&a, "http.response.status_code"), Some(Attr::Int(200)));
     assert_eq!(attributes::error(&ex), None);
     // The name is the method, never the path; with a route, the method and the route.
     let mut i = attributes::Interner::default();
@@ -595,10 +595,7 @@ fn status_rules() {
     assert!(!e(Side::Client, Outcome::Response(302)));
     assert!(e(Side::Server, Outcome::CutOff));
     let a = attributes_of(&mut exchange(Side::Client, &mut req, Outcome::CutOff));
-    assert_eq!(
-        attr(&a, "error.type"),
-        Some(Value::Str("connection_closed".into()))
-    );
+    assert_eq!(attr(&a, "error.type"), Some(Attr::Str("connection_closed")));
 }
 
 #[test]
@@ -608,14 +605,14 @@ fn client_span_full_url() {
     let a = answered(Side::Client, &mut req);
     assert_eq!(
         attr(&a, "url.full"),
-        Some(Value::Str("http://[::1]:9000/p?q=REDACTED".into()))
+        Some(Attr::Str("http://[::1]:9000/p?q=REDACTED"))
     );
-    assert_eq!(attr(&a, "server.address"), Some(Value::Str("::1".into())));
+    assert_eq!(attr(&a, "server.address"), Some(Attr::Str("::1")));
 }
 
 #[test]
 fn target_and_fields_taken_from_the_head_are_the_values_sent() {
-    let s = |v: &str| Some(Value::Str(v.to_string().into()));
+    let s = |v| Some(Attr::Str(v));
     // An absolute-form target: its path is inside it, not at its start.
     let mut req = head_with(&[("host", "api.local"), ("user-agent", "Go-http-client/1.1")]);
     req.target = "http://api.local/v1/items?id=7".into();
@@ -627,7 +624,7 @@ fn target_and_fields_taken_from_the_head_are_the_values_sent() {
     assert_eq!(attr(&a, "url.path"), s("/v1/items"));
     assert_eq!(attr(&a, "url.query"), s("id=REDACTED"));
     assert_eq!(attr(&a, "server.address"), s("api.local"));
-    assert_eq!(attr(&a, "server.port"), Some(Value::Int(50000)));
+    assert_eq!(attr(&a, "server.port"), Some(Attr::Int(50000)));
     assert_eq!(attr(&a, "user_agent.original"), s("Go-http-client/1.1"));
     // Without a path, and an origin-form target cut at its query; a name that does not
     // start the field's value.
@@ -644,7 +641,7 @@ fn target_and_fields_taken_from_the_head_are_the_values_sent() {
         assert_eq!(a.route.as_deref(), Some(path), "{target}");
         assert_eq!(attr(&a, "url.path"), s(path), "{target}");
         assert_eq!(attr(&a, "server.address"), s("api.local"));
-        assert_eq!(attr(&a, "server.port"), Some(Value::Int(81)));
+        assert_eq!(attr(&a, "server.port"), Some(Attr::Int(81)));
     }
     // CONNECT's target is an authority: no path, no query.
     let mut req = head_with(&[]);
@@ -664,10 +661,7 @@ fn unknown_method_is_other() {
     let mut req = head_with(&[]);
     req.method = "PURGE".into();
     let a = answered(Side::Server, &mut req);
-    assert_eq!(
-        attr(&a, "http.request.method"),
-        Some(Value::Str("_OTHER".into()))
-    );
+    assert_eq!(attr(&a, "http.request.method"), Some(Attr::Str("_OTHER")));
     let _ = Body::None;
 }
 
@@ -730,7 +724,7 @@ fn query_values_are_kept_only_when_asked() {
     let mut ex = exchange(Side::Server, &mut req, Outcome::Response(200));
     ex.redact_query = false;
     let a = attributes_of(&mut ex);
-    assert_eq!(attr(&a, "url.query"), Some(Value::Str("q=secret".into())));
+    assert_eq!(attr(&a, "url.query"), Some(Attr::Str("q=secret")));
 }
 
 #[test]
