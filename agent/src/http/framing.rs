@@ -81,15 +81,10 @@ const INTERNED_HEADERS: &[&str] = &["host", "user-agent"];
 impl Head {
     /// The first value of a kept field.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.header_text(name).map(|v| &**v)
-    }
-
-    /// The first value of a kept field, as the head holds it.
-    pub fn header_text(&self, name: &str) -> Option<&Text> {
         self.headers
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
+            .map(|(_, v)| &**v)
     }
 }
 

@@ -117,7 +117,9 @@ impl Routes {
         })
     }
 
-    /// The route of a path (without its query).
+    /// The route of a path (without its query), for tests: the agent writes routes into a
+    /// buffer it keeps ([`Routes::route_into`]).
+    #[cfg(test)]
     pub fn route(&self, path: &str) -> String {
         let mut out = String::new();
         self.route_into(path, &mut out);
