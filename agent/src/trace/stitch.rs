@@ -336,7 +336,8 @@ pub struct Stitcher {
     kept_traces: HashMap<TraceId, Instant>,
     /// Span names and `http.route` / `url.template`.
     pub routes: Routes,
-    /// Route templates, span names and addresses, kept once for all spans.
+    /// Strings that recur from span to span (routes, names, addresses, `Host` and
+    /// `User-Agent` values, error statuses), kept once for all spans.
     interner: attributes::Interner,
     /// Pods of this node, when Kubernetes metadata is on.
     pub pods: Option<Arc<Pods>>,
@@ -711,7 +712,8 @@ impl Stitcher {
                     }
                 };
                 let mut peer_key = None;
-                if is_telemetry_export(head) {
+                let telemetry = is_telemetry_export(head);
+                if telemetry {
                     // OTLP export is telemetry plumbing, not the application's work: no span
                     // at either end, and a client that exports is instrumented already.
                     self.stats.telemetry_requests += 1;
@@ -750,7 +752,7 @@ impl Stitcher {
                         self.client_parent(pid, tid, ev.comm(), header)
                     }
                 };
-                suppressed |= is_telemetry_export(head);
+                suppressed |= telemetry;
                 if let Some(k) = peer_key
                     && side == Side::Client
                 {
