@@ -989,10 +989,10 @@ impl Stitcher {
         if side == Side::Server {
             self.stats.server_spans += 1;
         }
-        let waiting_for_peer = match self.nodes.get(&p.id).map(|n| (&n.parent, &n.peer_key)) {
-            Some((Parent::Peer { .. }, Some(key))) => !self.clients.contains_key(key),
-            _ => false,
-        };
+        let waiting_for_peer = self
+            .nodes
+            .get(&p.id)
+            .is_some_and(|n| matches!(n.parent, Parent::Peer { .. }) && self.peer(n).is_none());
         if waiting_for_peer {
             if let Some(n) = self.nodes.get_mut(&p.id) {
                 n.deferred = true;
@@ -1064,12 +1064,10 @@ impl Stitcher {
                 path.pop();
                 break;
             }
-            let next = match (&node.parent, &node.peer_key) {
-                (Parent::Span(p, _), _) => Some(*p),
-                (Parent::Peer { .. }, Some(key)) => self
-                    .clients
-                    .get(key)
-                    .copied()
+            let next = match &node.parent {
+                Parent::Span(p, _) => Some(*p),
+                Parent::Peer { .. } => self
+                    .peer(node)
                     .filter(|c| self.nodes.get(c).is_some_and(|n| !n.suppressed)),
                 _ => None,
             };
@@ -1119,11 +1117,7 @@ impl Stitcher {
         match (&node.parent, parent) {
             (Parent::Span(pid, link), Some(p)) => inherit(p, *pid, *link),
             (Parent::Peer { .. }, Some(p)) => {
-                let client = node
-                    .peer_key
-                    .and_then(|key| self.clients.get(&key).copied())
-                    .unwrap_or([0; 8]);
-                inherit(p, client, Link::Connection)
+                inherit(p, self.peer(node).unwrap_or([0; 8]), Link::Connection)
             }
             (Parent::Peer { header: Some(h) }, None) | (Parent::Remote(h), _) => remote(h),
             _ => self.new_root(),
@@ -1264,6 +1258,11 @@ impl Stitcher {
             self.finished.pop_front();
             self.forget_node(id);
         }
+    }
+
+    /// The client span indexed under a server node's connection key, if it has come.
+    fn peer(&self, node: &Node) -> Option<SpanId> {
+        self.clients.get(node.peer_key.as_ref()?).copied()
     }
 
     /// Removes a span's node, and its client index entry if that still names this span.
