@@ -271,7 +271,7 @@ impl Exporter {
 }
 
 /// Groups the export task has emptied, for the event loop to fill again. A group has room for
-/// a batch (1,024 spans of 432 bytes); a new one per hand-out, freed by the export task on
+/// a batch (1,024 spans of 408 bytes); a new one per hand-out, freed by the export task on
 /// another thread, was a large block of the allocator's passing between threads about a
 /// hundred times a second at saturation.
 struct Spare {
