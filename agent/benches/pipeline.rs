@@ -119,6 +119,7 @@ fn round(records: &[Vec<u8>]) -> (f64, f64, usize) {
     );
     let resource: Arc<[u8]> = wire::resource(&[]).into();
     let scope = wire::scope();
+    let buffers = wire::Buffers::new(1);
     let mut spans: Vec<Span> = Vec::new();
     let (mut stitch, mut encode) = (Duration::ZERO, Duration::ZERO);
     let mut total = 0;
@@ -138,7 +139,7 @@ fn round(records: &[Vec<u8>]) -> (f64, f64, usize) {
                 resource: resource.clone(),
                 spans: batch.iter().collect(),
             }];
-            bytes += wire::request(&groups, &scope).grpc().len();
+            bytes += wire::request(&groups, &scope, &buffers).grpc().len();
             total += batch.len();
         }
         encode += thread_cpu() - t1;

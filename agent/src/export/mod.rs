@@ -8,7 +8,7 @@
 //! queue drops spans and counts them; memory never grows without bound.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc,
@@ -245,17 +245,22 @@ impl Exporter {
             spans.truncate(room);
         }
         if spans.is_empty() {
+            // Kept for the next hand-out: while exports fall behind, a group is dropped every
+            // few milliseconds, and a new one each time was the allocator's largest churn.
+            self.spare.give(spans);
             return;
         }
         self.queued.fetch_add(spans.len(), Ordering::Relaxed);
         if let Err(e) = tx.try_send(spans) {
-            let spans = match e {
+            let mut spans = match e {
                 mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => v,
             };
             self.queued.fetch_sub(spans.len(), Ordering::Relaxed);
             self.stats
                 .dropped_queue_full
                 .fetch_add(spans.len() as u64, Ordering::Relaxed);
+            spans.clear();
+            self.spare.give(spans);
         }
     }
 
@@ -597,28 +602,32 @@ async fn run(
     stats: Arc<ExportStats>,
     spare: Arc<Spare>,
 ) {
-    let mut batch: Vec<Span> = Vec::with_capacity(batching.max_batch);
+    // The groups as the event loop handed them out, exported from where they are: a batch is
+    // the next `max_batch` spans across them (no span is moved into a batch of its own, and no
+    // batch grows past a group's room), and a group goes back to the event loop once all its
+    // spans are encoded.
+    let mut groups: VecDeque<Vec<Span>> = VecDeque::new();
+    // Spans of the front group already exported, and spans received and not yet exported.
+    let mut first = 0;
+    let mut pending = 0;
     let mut in_flight = tokio::task::JoinSet::new();
-    let mut resources = Resources::new(crate::trace::process::host_name());
+    let mut resources = Resources::new(crate::trace::process::host_name(), batching.max_concurrent);
     let mut closed = false;
     while !closed {
         let deadline = tokio::time::sleep(batching.delay);
         tokio::pin!(deadline);
         let mut due = false;
-        while batch.len() < batching.max_batch {
+        while pending < batching.max_batch {
             tokio::select! {
                 s = rx.recv() => match s {
-                    Some(mut group) => {
+                    Some(group) => {
                         queued.fetch_sub(group.len(), Ordering::Relaxed);
-                        // The event loop hands out whole batches under load: taken as they
-                        // are, not moved span by span.
-                        if batch.is_empty() {
-                            std::mem::swap(&mut batch, &mut group);
+                        pending += group.len();
+                        if group.is_empty() {
+                            spare.give(group);
                         } else {
-                            batch.append(&mut group);
+                            groups.push_back(group);
                         }
-                        // Empty now: back to the event loop for a later hand-out.
-                        spare.give(group);
                     }
                     None => { closed = true; break; }
                 },
@@ -626,10 +635,11 @@ async fn run(
             }
         }
         // Full batches go now; a partial one when the delay is over or at the end.
-        while batch.len() >= batching.max_batch || (!batch.is_empty() && (due || closed)) {
-            let take = batch.len().min(batching.max_batch);
+        while pending >= batching.max_batch || (pending > 0 && (due || closed)) {
+            let take = pending.min(batching.max_batch);
+            let parts = batch_parts(&groups, first, take);
             export_batch(
-                &batch[..take],
+                &parts,
                 &mut resources,
                 &mut in_flight,
                 &sink,
@@ -637,23 +647,54 @@ async fn run(
                 &stats,
             )
             .await;
-            batch.drain(..take);
+            drop(parts);
+            pending -= take;
+            let mut done = take;
+            while let Some(front) = groups.front()
+                && done >= front.len() - first
+            {
+                done -= front.len() - first;
+                first = 0;
+                let mut group = groups.pop_front().expect("a front group");
+                group.clear();
+                spare.give(group);
+            }
+            first += done;
         }
     }
     while in_flight.join_next().await.is_some() {}
 }
 
+/// The next `take` spans of `groups`, the first `first` spans of the front one already
+/// exported, as slices of the groups.
+fn batch_parts(groups: &VecDeque<Vec<Span>>, first: usize, take: usize) -> Vec<&[Span]> {
+    let mut parts = Vec::new();
+    let mut left = take;
+    let mut start = first;
+    for group in groups {
+        if left == 0 {
+            break;
+        }
+        let n = (group.len() - start).min(left);
+        parts.push(&group[start..start + n]);
+        left -= n;
+        start = 0;
+    }
+    debug_assert_eq!(left, 0, "fewer spans in the groups than pending");
+    parts
+}
+
 /// Encodes one batch and starts its export, after waiting for room among the exports in
 /// flight.
 async fn export_batch(
-    batch: &[Span],
+    batch: &[&[Span]],
     resources: &mut Resources,
     in_flight: &mut tokio::task::JoinSet<()>,
     sink: &Sink,
     batching: &Batching,
     stats: &Arc<ExportStats>,
 ) {
-    let n = batch.len() as u64;
+    let n = batch.iter().map(|part| part.len() as u64).sum::<u64>();
     let request = resources.request(batch);
     while in_flight.len() >= batching.max_concurrent {
         let _ = in_flight.join_next().await;
@@ -685,14 +726,17 @@ struct Resources {
     host: String,
     by_pid: HashMap<u32, (Arc<ProcessInfo>, Arc<[u8]>)>,
     scope: Vec<u8>,
+    buffers: Arc<wire::Buffers>,
 }
 
 impl Resources {
-    fn new(host: String) -> Self {
+    /// Resources for a task with up to `exports_at_once` requests in flight.
+    fn new(host: String, exports_at_once: usize) -> Self {
         Self {
             host,
             by_pid: HashMap::new(),
             scope: wire::scope(),
+            buffers: wire::Buffers::new(exports_at_once),
         }
     }
 
@@ -712,12 +756,12 @@ impl Resources {
         r
     }
 
-    /// One encoded `ExportTraceServiceRequest` for a batch: a resource per process, one scope,
-    /// the spans.
-    fn request(&mut self, spans: &[Span]) -> wire::Request {
+    /// One encoded `ExportTraceServiceRequest` for a batch (its spans in parts): a resource
+    /// per process, one scope, the spans.
+    fn request(&mut self, parts: &[&[Span]]) -> wire::Request {
         let mut owners: Vec<&Arc<ProcessInfo>> = Vec::new();
         let mut groups: Vec<wire::Group<'_>> = Vec::new();
-        for s in spans {
+        for s in parts.iter().flat_map(|part| part.iter()) {
             let info = &s.process;
             match owners
                 .iter()
@@ -733,7 +777,7 @@ impl Resources {
                 }
             }
         }
-        wire::request(&groups, &self.scope)
+        wire::request(&groups, &self.scope, &self.buffers)
     }
 }
 
@@ -887,12 +931,15 @@ mod tests {
             ..Default::default()
         });
         let batch: Vec<Span> = (1..=3).map(|i| plain_span(&info, i)).collect();
-        let mut resources = Resources::new("host".into());
+        let mut resources = Resources::new("host".into(), 1);
 
         let (accepting, seen) = grpc_service(Answer::Accept).await;
-        accepting.export(resources.request(&batch)).await.unwrap();
         accepting
-            .export(resources.request(&batch[..1]))
+            .export(resources.request(&[&batch]))
+            .await
+            .unwrap();
+        accepting
+            .export(resources.request(&[&batch[..1]]))
             .await
             .unwrap();
         let from_env = Some("from env".to_string());
@@ -908,7 +955,7 @@ mod tests {
         // What an export of the batch to a service answering `answer` fails with.
         let failure = async |answer| {
             let (transport, seen) = grpc_service(answer).await;
-            let e = transport.export(Resources::new("host".into()).request(&batch));
+            let e = transport.export(Resources::new("host".into(), 1).request(&[&batch]));
             (e.await.unwrap_err().to_string(), seen.lock().unwrap().len())
         };
         // An error status in the answer (tonic sends it in the headers, with no body).
@@ -1035,9 +1082,9 @@ mod tests {
         let (a, b) = (process(3, "svc"), process(4, "other"));
         // An equal description in another allocation is the same process.
         let a2 = process(3, "svc");
-        let mut r = Resources::new("h".into());
+        let mut r = Resources::new("h".into(), 1);
         let batch = [plain_span(&a, 1), plain_span(&b, 2), plain_span(&a2, 3)];
-        let req = ExportTraceServiceRequest::decode(r.request(&batch).message()).unwrap();
+        let req = ExportTraceServiceRequest::decode(r.request(&[&batch]).message()).unwrap();
         assert_eq!(req.resource_spans.len(), 2);
         let service = |i: usize| {
             req.resource_spans[i]
@@ -1146,12 +1193,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn groups_come_back_to_the_event_loop_emptied() {
         let (config, seen) = serve(Answer::Accept).await;
-        // Batches of 1: groups with room for up to 2 are kept.
-        let exporter = exporter_to(config, 1).await;
+        // Batches of 2: groups with room for up to 4 are kept.
+        let exporter = exporter_to(config, 2).await;
         let info = Arc::new(ProcessInfo::default());
-        let group = |room: usize, id: u8| {
+        let group = |room: usize, ids: &[u8]| {
             let mut g = Vec::with_capacity(room);
-            g.push(plain_span(&info, id));
+            g.extend(ids.iter().map(|&id| plain_span(&info, id)));
             g
         };
         let exported = async |n: usize| {
@@ -1161,22 +1208,67 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        let (a, b) = (group(2, 1), group(77, 2));
-        let sent = a.as_ptr();
+        // A batch is taken across groups in place: the first is one span of a group with
+        // room for 3, with one of the next group's; the second is the rest of that group.
+        let (a, b) = (group(3, &[1]), group(4, &[2, 3, 4]));
+        let (sent_a, sent_b) = (a.as_ptr(), b.as_ptr());
         exporter.send_all(a);
         exporter.send_all(b);
         exported(2).await;
-        // The first group was the batch until the second took its place; then it came back.
+        assert_eq!(
+            seen.lock().unwrap().iter().map(|c| c.0).collect::<Vec<_>>(),
+            [2, 2]
+        );
+        // A group is given back just after its last batch is handed to the transport.
+        let begin = std::time::Instant::now();
+        while exporter.spare.lock().len() < 2 {
+            assert!(begin.elapsed() < Duration::from_secs(5), "not given back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Both groups came back as they were sent (not moved into a batch that grew), emptied,
+        // the second last.
         let back = exporter.group();
-        assert_eq!((back.as_ptr(), back.capacity(), back.len()), (sent, 2, 0));
-        // The export task's first batch, with room for one, came back before it.
-        assert_eq!(exporter.group().capacity(), 1);
-        // The second group has grown past what is kept: when a third takes its place it goes
-        // back to the allocator, and the event loop gets a new group.
-        exporter.send_all(group(2, 3));
+        assert_eq!((back.as_ptr(), back.capacity(), back.len()), (sent_b, 4, 0));
+        let back = exporter.group();
+        assert_eq!((back.as_ptr(), back.capacity(), back.len()), (sent_a, 3, 0));
+        // A group with more room than is kept goes back to the allocator.
+        exporter.send_all(group(5, &[5, 6]));
         exported(3).await;
-        let fresh = exporter.group();
-        assert_eq!((fresh.capacity(), fresh.len()), (1, 0));
+        let spare = exporter.spare.clone();
+        exporter.shutdown(Duration::from_secs(5)).await;
+        assert!(spare.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_group_comes_back_for_the_next_hand_out() {
+        let (config, _seen) = serve(Answer::Accept).await;
+        let exporter = Exporter::start(
+            Target::Otlp(config),
+            Batching {
+                max_queue: 2,
+                max_batch: 2,
+                delay: Duration::from_secs(60),
+                export_timeout: Duration::from_secs(5),
+                max_concurrent: 1,
+            },
+        )
+        .await
+        .unwrap();
+        let info = Arc::new(ProcessInfo::default());
+        let group = |room: usize| {
+            let mut g = Vec::with_capacity(room);
+            g.extend((0..2).map(|id| plain_span(&info, id)));
+            g
+        };
+        // The export task cannot run while this single-threaded test sends: the first group
+        // fills the queue and the second is dropped whole, and kept.
+        exporter.send_all(group(2));
+        let dropped = group(3);
+        let sent = dropped.as_ptr();
+        exporter.send_all(dropped);
+        assert_eq!(exporter.stats.dropped_queue_full.load(Ordering::Relaxed), 2);
+        let back = exporter.group();
+        assert_eq!((back.as_ptr(), back.capacity(), back.len()), (sent, 3, 0));
         exporter.shutdown(Duration::from_secs(5)).await;
     }
 

@@ -68,7 +68,13 @@ impl Out<'_> {
 /// A buffer of exactly `len` bytes, filled by `write`; not zeroed first (a batch's request is
 /// hundreds of KiB, each written once).
 fn encoded(len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(len);
+    encoded_into(Vec::new(), len, write)
+}
+
+/// [`encoded`] into `buf`, whose room is used if it has enough.
+fn encoded_into(mut buf: Vec<u8>, len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
+    buf.clear();
+    buf.reserve_exact(len);
     let mut out = Out {
         buf: &mut buf.spare_capacity_mut()[..len],
         pos: 0,
@@ -308,9 +314,77 @@ impl Request {
     }
 }
 
-/// An encoded `ExportTraceServiceRequest` behind its gRPC prefix, in one allocation of their
-/// exact size.
-pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Request {
+/// Buffers of requests the transport is done with, for the next requests.
+///
+/// A request is hundreds of KiB (a batch of 1,024 spans), made on an export thread and freed
+/// wherever the connection's last write of it ran: a new one per batch was a large block in
+/// and out of the allocator a hundred times a second at saturation, and each freed block stayed
+/// mapped for the allocator's purge delay, so that RSS rose with the export rate (up to 25 MiB
+/// when exports fell behind). A request's bytes now hold their buffer, and give it back here
+/// when the last of them is dropped.
+pub struct Buffers {
+    kept: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// Buffers kept at most: one per export in flight and the one being encoded.
+    most: usize,
+}
+
+impl Buffers {
+    /// Room beyond this is not kept: a buffer that a batch of unusually large spans grew goes
+    /// back to the allocator.
+    const MAX_KEPT_BYTES: usize = 2 << 20;
+
+    pub fn new(exports_at_once: usize) -> Arc<Self> {
+        Arc::new(Self {
+            kept: std::sync::Mutex::default(),
+            most: exports_at_once + 1,
+        })
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut kept = self.lock();
+        if kept.len() < self.most && buf.capacity() <= Self::MAX_KEPT_BYTES {
+            kept.push(buf);
+        }
+    }
+
+    /// Buffers kept now (for tests).
+    pub fn kept(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // A buffer is pushed or popped whole: a panic while holding it leaves nothing half done.
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A request's buffer while its bytes are in use; back to its [`Buffers`] when dropped.
+struct Lent {
+    buf: Vec<u8>,
+    home: Arc<Buffers>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.home.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// An encoded `ExportTraceServiceRequest` behind its gRPC prefix, in one buffer of `buffers`
+/// (which it goes back to when its bytes are dropped).
+pub fn request(groups: &[Group<'_>], scope: &[u8], buffers: &Arc<Buffers>) -> Request {
     let lens: Vec<usize> = groups
         .iter()
         .flat_map(|g| g.spans.iter().map(|s| span_len(s)))
@@ -330,7 +404,7 @@ pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Request {
         sizes.push((resource_spans, scope_spans));
     }
     let message_len = u32::try_from(total).expect("a batch's request is far below 4 GiB");
-    let buf = encoded(GRPC_PREFIX + total, |out| {
+    let buf = encoded_into(buffers.take(), GRPC_PREFIX + total, |out| {
         out.byte(0);
         out.slice(&message_len.to_be_bytes());
         let mut next = lens.iter();
@@ -345,7 +419,10 @@ pub fn request(groups: &[Group<'_>], scope: &[u8]) -> Request {
             }
         }
     });
-    Request(buf.into())
+    Request(Bytes::from_owner(Lent {
+        buf,
+        home: buffers.clone(),
+    }))
 }
 
 #[cfg(test)]
@@ -359,6 +436,36 @@ mod tests {
 
     use super::*;
     use crate::{http::attributes::Attributes, trace::process::ProcessInfo};
+
+    #[test]
+    fn a_request_buffer_comes_back_when_its_bytes_are_dropped() {
+        let buffers = Buffers::new(1);
+        let one = span(false, None, Attributes::least(Side::Server));
+        let groups = [Group {
+            resource: resource(&[]).into(),
+            spans: vec![&one],
+        }];
+        let first = request(&groups, &scope(), &buffers).grpc();
+        let at = first.as_ptr();
+        let part = first.slice(GRPC_PREFIX..);
+        drop(first);
+        // Still lent while any of its bytes are held.
+        assert_eq!(buffers.kept(), 0);
+        drop(part);
+        assert_eq!(buffers.kept(), 1);
+        // The next request is written into it, the same bytes as into a new buffer.
+        let again = request(&groups, &scope(), &buffers).grpc();
+        assert_eq!(again.as_ptr(), at);
+        assert_eq!(buffers.kept(), 0);
+        let fresh = request(&groups, &scope(), &Buffers::new(1)).grpc();
+        assert_eq!(again, fresh);
+        // Kept: one per export in flight and one more; the rest go back to the allocator.
+        let held: Vec<Bytes> = (0..4)
+            .map(|_| request(&groups, &scope(), &buffers).grpc())
+            .collect();
+        drop(held);
+        assert_eq!(buffers.kept(), 2);
+    }
 
     fn span(remote: bool, error: Option<&'static str>, attributes: Attributes) -> Span {
         Span {
@@ -379,7 +486,7 @@ mod tests {
     }
 
     fn decode(groups: &[Group<'_>]) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest::decode(request(groups, &scope()).message())
+        ExportTraceServiceRequest::decode(request(groups, &scope(), &Buffers::new(1)).message())
             .expect("a valid OTLP request")
     }
 
@@ -600,8 +707,8 @@ mod tests {
             resource: resource_of("p"),
             spans: vec![&s],
         }];
-        let grpc = request(&groups, &scope()).grpc();
-        let message = request(&groups, &scope()).message();
+        let grpc = request(&groups, &scope(), &Buffers::new(1)).grpc();
+        let message = request(&groups, &scope(), &Buffers::new(1)).message();
         assert_eq!(grpc[0], 0, "not compressed");
         let len = u32::from_be_bytes(grpc[1..GRPC_PREFIX].try_into().unwrap()) as usize;
         assert_eq!(len, message.len());
