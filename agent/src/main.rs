@@ -727,7 +727,7 @@ impl<W: Write> Tracer<W> {
         ops::say(
             self.log_format,
             &format!(
-                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred} interned_strings={interned} selected_processes={}",
+                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} resynced_after_loss={} requests_given_up={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred} interned_strings={interned} selected_processes={}",
                 s.events,
                 s.spans,
                 e.exported.load(Ordering::Relaxed),
@@ -735,6 +735,8 @@ impl<W: Write> Tracer<W> {
                 e.failed.load(Ordering::Relaxed),
                 self.lost.ringbuf_full,
                 self.lost.inflight_full,
+                s.resynced_after_loss,
+                s.pending_dropped,
                 self.selector.tracked(),
             ),
         );

@@ -83,6 +83,9 @@ pub fn text_line(out: &mut Vec<u8>, ev: &SocketEvent<'_>, clock: &WallClock, sho
         if ev.truncated() {
             let _ = write!(out, " captured={}", ev.payload.len());
         }
+        if ev.after_loss() {
+            out.extend_from_slice(b" after-loss");
+        }
         out.extend_from_slice(b" \"");
         let n = ev.payload.len().min(show_bytes);
         escape_into(out, &ev.payload[..n]);
@@ -109,13 +112,14 @@ pub fn json_line(out: &mut Vec<u8>, ev: &SocketEvent<'_>, clock: &WallClock) {
     escape_into(out, ev.comm().as_bytes());
     let _ = write!(
         out,
-        "\",\"fd\":{},\"conn_id\":{},\"kind\":\"{}\",\"syscall\":\"{}\",\"len\":{},\"captured\":{},\"local\":\"{}\",\"remote\":\"{}\",\"data_hex\":\"",
+        "\",\"fd\":{},\"conn_id\":{},\"kind\":\"{}\",\"syscall\":\"{}\",\"len\":{},\"captured\":{},\"after_loss\":{},\"local\":\"{}\",\"remote\":\"{}\",\"data_hex\":\"",
         h.fd,
         h.conn_id,
         kind_name(ev.kind),
         ev.syscall_name(),
         h.len,
         ev.payload.len(),
+        ev.after_loss(),
         ev.local(),
         ev.remote(),
     );
@@ -207,6 +211,15 @@ mod tests {
             line,
             "01:00:00.000001005 pid=10 tid=11 comm=curl fd=3 conn=777 127.0.0.1:40000 -> 127.0.0.1:80 egress writev len=100 captured=9 \"GET /\\r\\n\\x00\\\"\"\n"
         );
+        let mut after = event(b"GET", 3);
+        after.header.kind = kind::DATA_AFTER_LOSS;
+        let mut out = Vec::new();
+        text_line(&mut out, &after, &clock, 64);
+        let line = String::from_utf8(out).unwrap();
+        assert!(
+            line.ends_with(" egress writev len=3 after-loss \"GET\"\n"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -221,5 +234,6 @@ mod tests {
         assert_eq!(v["local"], "127.0.0.1:40000");
         assert_eq!(v["conn_id"], 777);
         assert_eq!(v["ts_unix_ns"], 1000);
+        assert_eq!(v["after_loss"], false);
     }
 }

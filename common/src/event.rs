@@ -15,6 +15,11 @@ pub mod kind {
     /// More bytes of the previous `DATA` record's call (a large request head), at
     /// `EventHeader::offset` within the call.
     pub const DATA_MORE: u32 = 5;
+    /// A `DATA` record that is the first on its socket (in this process) since a record of it
+    /// was lost (the ring was full, or the in-flight table): the bytes of the lost calls are
+    /// missing between the two, in one direction or both, and what was in progress on the
+    /// connection cannot be paired across them.
+    pub const DATA_AFTER_LOSS: u32 = 6;
 }
 
 /// Direction of a `kind::DATA` event, seen from the traced process.
@@ -182,8 +187,12 @@ pub struct Inflight {
     pub ring_waiting: u32,
     /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
     pub enter_ns: u64,
+    /// 1 when enter found that a record of this socket was lost before this call (the exit
+    /// sends `kind::DATA_AFTER_LOSS`); 0 otherwise and in seeded records.
+    pub after_loss: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
+const _: () = assert!(core::mem::size_of::<Inflight>() == 64);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integer fields only, no padding (size checked above).

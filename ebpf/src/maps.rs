@@ -36,11 +36,13 @@ pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
 /// The socket of an in-flight record made at enter.
 #[inline(always)]
 pub fn inflight_sock(inflight: &Inflight) -> TcpSock {
-    TcpSock::known(
+    let mut sock = TcpSock::known(
         inflight.sk as *const u8,
         inflight.ino,
         inflight.family as u16,
-    )
+    );
+    sock.after_loss = inflight.after_loss != 0;
+    sock
 }
 
 /// LRU so that a thread that never returns (killed in the syscall) cannot leak an entry.
@@ -123,6 +125,9 @@ pub struct KnownSock {
     pub ino: u64,
     pub family: u64,
     pub check: u64,
+    /// 1 when a record of a call on this socket was lost since the last one sent (outside
+    /// `check`: it is written in place, by the programs only).
+    pub lost: u64,
 }
 
 impl KnownSock {

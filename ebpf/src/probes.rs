@@ -27,7 +27,7 @@ use crate::{
         Config, EVENTS, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock,
     },
     payload,
-    sock::{TcpSock, fill_endpoints, tcp_socket},
+    sock::{TcpSock, fill_endpoints, mark_lost, tcp_socket},
 };
 
 const MSG_PEEK: u32 = 2;
@@ -161,6 +161,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         return 0;
     };
     let Some(waiting) = ring_room() else {
+        mark_lost(pid_tgid, fd);
         return 0;
     };
     let inflight = Inflight {
@@ -174,6 +175,8 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         ring_waiting: waiting as u32,
         // SAFETY: a helper without preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
+        after_loss: sock.after_loss as u32,
+        _pad: 0,
     };
     // A thread's record stays in the table between its calls and is rewritten in place: an
     // insert and a delete per call cost more than the lookup (the LRU still evicts the
@@ -183,6 +186,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         unsafe { *slot = inflight };
     } else if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         count_lost(lost::INFLIGHT_FULL);
+        mark_lost(pid_tgid, fd);
         warn!(
             ctx,
             "wirespan: in-flight table full, syscall {} not followed", id
@@ -270,7 +274,11 @@ fn emit(
     header.pid = (pid_tgid >> 32) as u32;
     header.tid = pid_tgid as u32;
     header.fd = fd;
-    header.kind = event_kind;
+    header.kind = if event_kind == kind::DATA && sock.after_loss {
+        kind::DATA_AFTER_LOSS
+    } else {
+        event_kind
+    };
     header.direction = dir;
     header.syscall = id;
     header.len = len;
@@ -355,6 +363,9 @@ fn emit(
         .is_err()
     {
         count_lost(lost::RINGBUF_FULL);
+        if event_kind == kind::DATA {
+            mark_lost(pid_tgid, fd as i64);
+        }
         return;
     }
     let Payload::Buf(src) = payload else {
@@ -467,6 +478,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         return 0;
     };
     let Some(waiting) = ring_room() else {
+        mark_lost(pid_tgid, fd);
         return 0;
     };
     let payload = match id {
@@ -505,6 +517,10 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
     };
     let len = ret(ctx);
     if len <= 0 {
+        if inflight.after_loss != 0 {
+            // Nothing sent: the mark enter took waits for the socket's next record.
+            mark_lost(pid_tgid, inflight.fd as i64);
+        }
         return 0;
     }
     let Some(sock) = resolve(pid_tgid, &inflight) else {

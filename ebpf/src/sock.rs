@@ -29,6 +29,9 @@ pub struct TcpSock {
     pub family: u16,
     /// The addresses and ports, when the walk already copied them.
     pub head: Option<SockHead>,
+    /// A record of this socket was lost since the last one sent (see `mark_lost`); the flag
+    /// is taken by the lookup that returns it, and set again if this call's record is lost too.
+    pub after_loss: bool,
 }
 
 impl TcpSock {
@@ -41,7 +44,28 @@ impl TcpSock {
             ino,
             family,
             head: None,
+            after_loss: false,
         }
+    }
+}
+
+/// The `SOCKS` key of descriptor `fd` of the current process.
+#[inline(always)]
+fn sock_key(pid_tgid: u64, fd: i64) -> u64 {
+    (pid_tgid >> 32) << 32 | (fd as u64 & 0xffff_ffff)
+}
+
+/// Notes that the record of a call on descriptor `fd` of the current process was lost: the
+/// next record of that socket is sent as `kind::DATA_AFTER_LOSS`, so the agent does not pair
+/// a request with a response across the missing bytes. Only on a loss (the ring or the
+/// in-flight table full). A socket whose cache entry was evicted meanwhile cannot be marked;
+/// its loss is still counted.
+#[inline(always)]
+pub fn mark_lost(pid_tgid: u64, fd: i64) {
+    if let Some(known) = SOCKS.get_ptr_mut(sock_key(pid_tgid, fd)) {
+        // SAFETY: a plain store into this entry's own field; the LRU frees an entry only after
+        // the programs that may hold it have finished (RCU).
+        unsafe { (*known).lost = 1 };
     }
 }
 
@@ -93,9 +117,11 @@ pub fn tcp_socket(pid_tgid: u64, fd: i64) -> Option<TcpSock> {
         if file.is_null() {
             return None;
         }
-        let key = (pid_tgid >> 32) << 32 | (fd as u64 & 0xffff_ffff);
+        let key = sock_key(pid_tgid, fd);
         let inode: *const u8 = read(file, Layout.file_inode())?;
-        if let Some(known) = SOCKS.get(key).copied()
+        let entry = SOCKS.get_ptr_mut(key);
+        if let Some(entry) = entry
+            && let known = *entry
             && known.check == known.sum()
             && known.file == file as u64
             && known.inode == inode as u64
@@ -104,11 +130,13 @@ pub fn tcp_socket(pid_tgid: u64, fd: i64) -> Option<TcpSock> {
             // inode freed and reused at the same address would carry a new inode number.
             let ino: u64 = read(inode, Layout.inode_ino())?;
             if ino == known.ino {
-                return Some(TcpSock::known(
-                    known.sk as *const u8,
-                    known.ino,
-                    known.family as u16,
-                ));
+                let mut sock =
+                    TcpSock::known(known.sk as *const u8, known.ino, known.family as u16);
+                if known.lost != 0 {
+                    (*entry).lost = 0;
+                    sock.after_loss = true;
+                }
+                return Some(sock);
             }
         }
         let mode: u16 = read(inode, Layout.inode_mode())?;
@@ -137,6 +165,7 @@ pub fn tcp_socket(pid_tgid: u64, fd: i64) -> Option<TcpSock> {
             ino,
             family: head.family as u64,
             check: 0,
+            lost: 0,
         };
         known.check = known.sum();
         let _ = SOCKS.insert(key, known, 0);
@@ -145,6 +174,7 @@ pub fn tcp_socket(pid_tgid: u64, fd: i64) -> Option<TcpSock> {
             ino,
             family: head.family,
             head: Some(head),
+            after_loss: false,
         })
     }
 }

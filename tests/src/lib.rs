@@ -268,6 +268,11 @@ impl Agent {
         self.proc.pid()
     }
 
+    /// Sends `sig` to the agent (SIGSTOP and SIGCONT to pause its reading).
+    pub fn signal(&self, sig: i32) {
+        self.proc.signal(sig);
+    }
+
     /// Stops the agent with SIGINT (it drains its ring buffer first) and returns every event.
     pub fn stop(self) -> anyhow::Result<Vec<Event>> {
         self.stop_with_log().map(|(events, _)| events)
@@ -586,6 +591,11 @@ impl SpanAgent {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Sends `sig` to the agent (SIGSTOP and SIGCONT to pause its reading).
+    pub fn signal(&self, sig: i32) {
+        self.proc.signal(sig);
     }
 
     /// Stops the agent with SIGINT (it flushes its spans first); returns the `--log-spans`

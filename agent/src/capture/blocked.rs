@@ -49,6 +49,8 @@ pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
         syscall: id,
         ring_waiting: 0,
         enter_ns: 0,
+        after_loss: 0,
+        _pad: 0,
     })
 }
 

@@ -51,6 +51,11 @@ pub struct SocketEvent<'a> {
 }
 
 impl<'a> SocketEvent<'a> {
+    /// A data record that follows lost records of its socket (`kind::DATA_AFTER_LOSS`).
+    pub fn after_loss(&self) -> bool {
+        self.header.kind == kind::DATA_AFTER_LOSS
+    }
+
     /// Decodes one ring buffer record.
     pub fn decode(record: &'a [u8]) -> Result<Self, DecodeError> {
         let need = size_of::<EventHeader>();
@@ -76,7 +81,7 @@ impl<'a> SocketEvent<'a> {
             kind::ACCEPT => EventKind::Accept,
             kind::CONNECT => EventKind::Connect,
             kind::CLOSE => EventKind::Close,
-            kind::DATA => match header.direction {
+            kind::DATA | kind::DATA_AFTER_LOSS => match header.direction {
                 direction::INGRESS => EventKind::Data(Direction::Ingress),
                 direction::EGRESS => EventKind::Data(Direction::Egress),
                 _ => return Err(DecodeError::Kind(header.kind)),
@@ -262,11 +267,19 @@ mod tests {
                 direction::EGRESS,
                 EventKind::Data(Direction::Egress),
             ),
+            (
+                kind::DATA_AFTER_LOSS,
+                direction::INGRESS,
+                EventKind::Data(Direction::Ingress),
+            ),
         ] {
             let mut h = header();
             h.kind = k;
             h.direction = d;
-            assert_eq!(SocketEvent::decode(&record(&h, b"")).unwrap().kind, want);
+            let bytes = record(&h, b"");
+            let ev = SocketEvent::decode(&bytes).unwrap();
+            assert_eq!(ev.kind, want);
+            assert_eq!(ev.after_loss(), k == kind::DATA_AFTER_LOSS);
         }
         let mut h = header();
         h.direction = direction::NONE;

@@ -129,7 +129,12 @@ pub struct Stats {
     /// Connections between a traced process and wirespan itself, ignored.
     pub own_connections: u64,
     pub connections_dropped: u64,
+    /// Requests given up: waiting for a response too long, beyond `MAX_PENDING`, or in
+    /// progress on a connection that lost records.
     pub pending_dropped: u64,
+    /// Connections read again from the next message after records of theirs were lost (see
+    /// `kind::DATA_AFTER_LOSS`).
+    pub resynced_after_loss: u64,
     /// `DataMore` records that did not continue the call they follow (their first record was
     /// lost): the call is used with the bytes that did arrive.
     pub orphan_continuations: u64,
@@ -525,6 +530,9 @@ impl Stitcher {
                 if let Some(seen) = conn.own_unsettled {
                     self.settle_own(&mut conn, seen);
                 }
+                if ev.after_loss() {
+                    self.resync_after_loss(&mut conn);
+                }
                 if !conn.own {
                     self.data(&mut conn, ev, dir, out);
                 }
@@ -554,6 +562,23 @@ impl Stitcher {
                 self.forget_node(p.id);
             }
         }
+    }
+
+    /// Records of this connection were lost before this one (`kind::DATA_AFTER_LOSS`): in
+    /// either direction, whole requests or responses may be missing, so a response that comes
+    /// next could belong to any request in progress. Those are given up (counted), both
+    /// directions are read again from the next message that starts a call, as on a connection
+    /// joined midway, and its byte offsets (which the missing bytes put out of step with the
+    /// peer's) no longer link spans.
+    fn resync_after_loss(&mut self, conn: &mut Conn) {
+        self.stats.resynced_after_loss += 1;
+        for p in conn.pending.drain(..) {
+            self.forget_node(p.id);
+            self.stats.pending_dropped += 1;
+        }
+        conn.ingress = Stream::joined_midway(conn.ingress.kind());
+        conn.egress = Stream::joined_midway(conn.egress.kind());
+        conn.from_start = false;
     }
 
     /// A connection's state from its first event, unless the table is full (counted).
@@ -1393,6 +1418,60 @@ mod tests {
             w.ev(1, 10, 100, 5000, 80, IN, RESP),
         ]);
         run(&ev)
+    }
+
+    /// The first record of a socket after records of it were lost (`kind::DATA_AFTER_LOSS`).
+    fn after_loss(mut ev: SocketEvent<'static>) -> SocketEvent<'static> {
+        ev.header.kind = kind::DATA_AFTER_LOSS;
+        ev
+    }
+
+    #[test]
+    fn a_response_after_lost_records_never_ends_an_earlier_request() {
+        const GET0: &[u8] = b"GET /0 HTTP/1.1\r\nHost: x:80\r\n\r\n";
+        const GET1: &[u8] = b"GET /1 HTTP/1.1\r\nHost: x:80\r\n\r\n";
+        const R201: &[u8] = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n";
+        let status = |s: &Span| match s.attributes.get("http.response.status_code") {
+            Some(crate::http::attributes::Attr::Int(n)) => n,
+            other => panic!("status {other:?}"),
+        };
+        let path = |s: &Span| match s.attributes.get("url.path") {
+            Some(crate::http::attributes::Attr::Str(p)) => p.to_string(),
+            other => panic!("path {other:?}"),
+        };
+        // The server's answer to /0 was lost: the answer to /1 ends /1, and /0 is given up.
+        let mut w = Wire { ts: 0 };
+        let spans = run(&[
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(2, 20, 200, 80, 5000, IN, GET0),
+            after_loss(w.ev(2, 20, 200, 80, 5000, IN, GET1)),
+            w.ev(2, 20, 200, 80, 5000, OUT, R201),
+        ]);
+        let server = find(&spans, 2, Side::Server);
+        assert_eq!(server.len(), 1, "{spans:#?}");
+        assert_eq!((path(server[0]), status(server[0])), ("/1".into(), 201));
+
+        // The server's read of /0 was lost: its read of /1 is at the client's offset of /0
+        // by the bytes it saw, and must not be linked to the client's /0 by it.
+        let mut w = Wire { ts: 0 };
+        let spans = run(&[
+            w.ev(1, 10, 100, 5000, 80, EventKind::Connect, b""),
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(1, 10, 100, 5000, 80, OUT, GET0),
+            after_loss(w.ev(2, 20, 200, 80, 5000, OUT, RESP)),
+            w.ev(1, 10, 100, 5000, 80, IN, RESP),
+            w.ev(1, 10, 100, 5000, 80, OUT, GET1),
+            w.ev(2, 20, 200, 80, 5000, IN, GET1),
+            w.ev(2, 20, 200, 80, 5000, OUT, R201),
+            w.ev(1, 10, 100, 5000, 80, IN, R201),
+        ]);
+        let clients = find(&spans, 1, Side::Client);
+        let server = find(&spans, 2, Side::Server);
+        assert_eq!((clients.len(), server.len()), (2, 1), "{spans:#?}");
+        assert_eq!((path(server[0]), status(server[0])), ("/1".into(), 201));
+        let client0 = clients.iter().find(|c| path(c) == "/0").unwrap();
+        assert_ne!(server[0].parent_span_id, Some(client0.span_id));
+        assert_ne!(server[0].link, Some(Link::Connection));
     }
 
     #[test]
