@@ -1014,11 +1014,7 @@ impl Stitcher {
         if side == Side::Server {
             self.stats.server_spans += 1;
         }
-        let waiting_for_peer = self
-            .nodes
-            .get(&p.id)
-            .is_some_and(|n| matches!(n.parent, Parent::Peer { .. }) && self.peer(n).is_none());
-        if waiting_for_peer {
+        if self.awaits_peer(p.id) {
             if let Some(n) = self.nodes.get_mut(&p.id) {
                 n.deferred = true;
             }
@@ -1285,6 +1281,34 @@ impl Stitcher {
         }
     }
 
+    /// Whether the span's trace depends on a client span that has not come yet: the span, or
+    /// the server span it was sent from (by thread) or any above, is linked by connection to a
+    /// client whose record is not in yet. Such a span waits, as its server span does: settled
+    /// now, it would make its server span a root (the settled trace is kept for the rest of
+    /// the tree), and split the trace in two when the client's record came a little late (a
+    /// client preempted in its write after the bytes were delivered, while the server answered
+    /// and made its own calls).
+    fn awaits_peer(&self, id: SpanId) -> bool {
+        let mut cur = id;
+        for _ in 0..256 {
+            let Some(n) = self.nodes.get(&cur) else {
+                return false;
+            };
+            if n.resolved.is_some() {
+                return false;
+            }
+            cur = match &n.parent {
+                Parent::Span(p, _) => *p,
+                Parent::Peer { .. } => match self.peer(n) {
+                    Some(client) => client,
+                    None => return true,
+                },
+                _ => return false,
+            };
+        }
+        false
+    }
+
     /// The client span indexed under a server node's connection key, if it has come.
     fn peer(&self, node: &Node) -> Option<SpanId> {
         self.clients.get(node.peer_key.as_ref()?).copied()
@@ -1472,6 +1496,39 @@ mod tests {
         let client0 = clients.iter().find(|c| path(c) == "/0").unwrap();
         assert_ne!(server[0].parent_span_id, Some(client0.span_id));
         assert_ne!(server[0].link, Some(Link::Connection));
+    }
+
+    #[test]
+    fn a_client_record_that_comes_after_the_servers_own_call_still_links_the_trace() {
+        // Client pid 1 -> server pid 2 (thread 20), which calls pid 3 while serving; the
+        // client's record of its request comes only after that call has ended (the client was
+        // preempted in its write once the bytes were delivered).
+        let mut w = Wire { ts: 0 };
+        let spans = run(&[
+            w.ev(1, 10, 100, 5000, 80, EventKind::Connect, b""),
+            w.ev(2, 20, 200, 80, 5000, EventKind::Accept, b""),
+            w.ev(2, 20, 200, 80, 5000, IN, REQ),
+            w.ev(2, 20, 300, 6000, 90, EventKind::Connect, b""),
+            w.ev(3, 30, 400, 90, 6000, EventKind::Accept, b""),
+            w.ev(2, 20, 300, 6000, 90, OUT, REQ),
+            w.ev(3, 30, 400, 90, 6000, IN, REQ),
+            w.ev(3, 30, 400, 90, 6000, OUT, RESP),
+            w.ev(2, 20, 300, 6000, 90, IN, RESP),
+            w.ev(1, 10, 100, 5000, 80, OUT, REQ),
+            w.ev(2, 20, 200, 80, 5000, OUT, RESP),
+            w.ev(1, 10, 100, 5000, 80, IN, RESP),
+        ]);
+        assert_eq!(spans.len(), 4, "{spans:#?}");
+        let root = find(&spans, 1, Side::Client)[0];
+        let server = find(&spans, 2, Side::Server)[0];
+        let call = find(&spans, 2, Side::Client)[0];
+        assert_eq!(server.parent_span_id, Some(root.span_id));
+        assert_eq!(server.link, Some(Link::Connection));
+        assert_eq!(call.parent_span_id, Some(server.span_id));
+        assert!(
+            spans.iter().all(|s| s.trace_id == root.trace_id),
+            "{spans:#?}"
+        );
     }
 
     #[test]
