@@ -119,7 +119,7 @@ fn round(records: &[Vec<u8>]) -> (f64, f64, usize) {
     );
     let resource: Arc<[u8]> = wire::resource(&[]).into();
     let scope = wire::scope();
-    let buffers = wire::Buffers::new(1);
+    let buffers = wire::buffers(1);
     let mut spans: Vec<Span> = Vec::new();
     let (mut stitch, mut encode) = (Duration::ZERO, Duration::ZERO);
     let mut total = 0;

@@ -28,6 +28,9 @@ use tonic::codegen::http;
 
 use crate::trace::{Span, process::ProcessInfo};
 
+mod pool;
+use pool::Pool;
+
 pub mod wire;
 
 /// Where spans go.
@@ -163,7 +166,7 @@ impl Exporter {
                     max_queue: batching.max_queue,
                     max_batch: batching.max_batch,
                     stats,
-                    spare: Arc::new(Spare::new(batching.max_batch)),
+                    spare: spare(batching.max_batch),
                     task: None,
                 });
             }
@@ -192,7 +195,7 @@ impl Exporter {
         };
         let (tx, rx) = mpsc::channel(batching.max_queue);
         let queued = Arc::new(AtomicUsize::new(0));
-        let spare = Arc::new(Spare::new(batching.max_batch));
+        let spare = spare(batching.max_batch);
         let task = tokio::spawn(run(
             rx,
             queued.clone(),
@@ -229,7 +232,6 @@ impl Exporter {
     /// Queues spans as one group; what does not fit in the queue is dropped (counted).
     pub fn send_all(&self, mut spans: Vec<Span>) {
         let Some(tx) = &self.tx else {
-            spans.clear();
             self.spare.give(spans);
             return;
         };
@@ -252,14 +254,13 @@ impl Exporter {
         }
         self.queued.fetch_add(spans.len(), Ordering::Relaxed);
         if let Err(e) = tx.try_send(spans) {
-            let mut spans = match e {
+            let spans = match e {
                 mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => v,
             };
             self.queued.fetch_sub(spans.len(), Ordering::Relaxed);
             self.stats
                 .dropped_queue_full
                 .fetch_add(spans.len() as u64, Ordering::Relaxed);
-            spans.clear();
             self.spare.give(spans);
         }
     }
@@ -279,42 +280,12 @@ impl Exporter {
 /// a batch (1,024 spans of 408 bytes); a new one per hand-out, freed by the export task on
 /// another thread, was a large block of the allocator's passing between threads about a
 /// hundred times a second at saturation.
-struct Spare {
-    kept: std::sync::Mutex<Vec<Vec<Span>>>,
-    /// Room beyond this is not kept: a batch that grew while exports were slow goes back to
-    /// the allocator, not to the event loop.
-    max_capacity: usize,
-}
+type Spare = Pool<Span>;
 
-impl Spare {
-    /// Groups kept: the hand-outs in the queue at saturation are one or two.
-    const KEPT: usize = 4;
-
-    fn new(max_batch: usize) -> Self {
-        Self {
-            kept: std::sync::Mutex::default(),
-            max_capacity: 2 * max_batch,
-        }
-    }
-
-    fn take(&self) -> Option<Vec<Span>> {
-        self.lock().pop()
-    }
-
-    fn give(&self, group: Vec<Span>) {
-        debug_assert!(group.is_empty());
-        let mut kept = self.lock();
-        if kept.len() < Self::KEPT && (1..=self.max_capacity).contains(&group.capacity()) {
-            kept.push(group);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Span>>> {
-        // Only empty groups are kept: a panic while holding it leaves nothing half done.
-        self.kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// Groups kept: the hand-outs in the queue at saturation are one or two. A group that grew
+/// past twice a batch goes back to the allocator, not to the event loop.
+fn spare(max_batch: usize) -> Arc<Spare> {
+    Arc::new(Pool::new(4, 2 * max_batch))
 }
 
 /// Where batches go; cloned (as handles) for each export in flight.
@@ -655,9 +626,7 @@ async fn run(
             {
                 done -= front.len() - first;
                 first = 0;
-                let mut group = groups.pop_front().expect("a front group");
-                group.clear();
-                spare.give(group);
+                spare.give(groups.pop_front().expect("a front group"));
             }
             first += done;
         }
@@ -736,7 +705,7 @@ impl Resources {
             host,
             by_pid: HashMap::new(),
             scope: wire::scope(),
-            buffers: wire::Buffers::new(exports_at_once),
+            buffers: wire::buffers(exports_at_once),
         }
     }
 
@@ -1221,7 +1190,7 @@ mod tests {
         );
         // A group is given back just after its last batch is handed to the transport.
         let begin = std::time::Instant::now();
-        while exporter.spare.lock().len() < 2 {
+        while exporter.spare.kept() < 2 {
             assert!(begin.elapsed() < Duration::from_secs(5), "not given back");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -16,6 +16,7 @@ use std::{mem::MaybeUninit, sync::Arc};
 
 use prost::bytes::Bytes;
 
+use super::pool::Pool;
 use crate::{
     http::attributes::{Attr, Side, Value},
     trace::Span,
@@ -71,9 +72,9 @@ fn encoded(len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
     encoded_into(Vec::new(), len, write)
 }
 
-/// [`encoded`] into `buf`, whose room is used if it has enough.
+/// [`encoded`] into the empty `buf`, whose room is used if it has enough.
 fn encoded_into(mut buf: Vec<u8>, len: usize, write: impl FnOnce(&mut Out<'_>)) -> Vec<u8> {
-    buf.clear();
+    debug_assert!(buf.is_empty());
     buf.reserve_exact(len);
     let mut out = Out {
         buf: &mut buf.spare_capacity_mut()[..len],
@@ -322,46 +323,13 @@ impl Request {
 /// mapped for the allocator's purge delay, so that RSS rose with the export rate (up to 25 MiB
 /// when exports fell behind). A request's bytes now hold their buffer, and give it back here
 /// when the last of them is dropped.
-pub struct Buffers {
-    kept: std::sync::Mutex<Vec<Vec<u8>>>,
-    /// Buffers kept at most: one per export in flight and the one being encoded.
-    most: usize,
-}
+pub type Buffers = Pool<u8>;
 
-impl Buffers {
-    /// Room beyond this is not kept: a buffer that a batch of unusually large spans grew goes
-    /// back to the allocator.
-    const MAX_KEPT_BYTES: usize = 2 << 20;
-
-    pub fn new(exports_at_once: usize) -> Arc<Self> {
-        Arc::new(Self {
-            kept: std::sync::Mutex::default(),
-            most: exports_at_once + 1,
-        })
-    }
-
-    fn take(&self) -> Vec<u8> {
-        self.lock().pop().unwrap_or_default()
-    }
-
-    fn give(&self, buf: Vec<u8>) {
-        let mut kept = self.lock();
-        if kept.len() < self.most && buf.capacity() <= Self::MAX_KEPT_BYTES {
-            kept.push(buf);
-        }
-    }
-
-    /// Buffers kept now (for tests).
-    pub fn kept(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        // A buffer is pushed or popped whole: a panic while holding it leaves nothing half done.
-        self.kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// Buffers for up to `exports_at_once` requests in flight: one for each and the one being
+/// encoded, each up to 2 MiB (a buffer that a batch of unusually large spans grew goes back to
+/// the allocator).
+pub fn buffers(exports_at_once: usize) -> Arc<Buffers> {
+    Arc::new(Pool::new(exports_at_once + 1, 2 << 20))
 }
 
 /// A request's buffer while its bytes are in use; back to its [`Buffers`] when dropped.
@@ -404,21 +372,25 @@ pub fn request(groups: &[Group<'_>], scope: &[u8], buffers: &Arc<Buffers>) -> Re
         sizes.push((resource_spans, scope_spans));
     }
     let message_len = u32::try_from(total).expect("a batch's request is far below 4 GiB");
-    let buf = encoded_into(buffers.take(), GRPC_PREFIX + total, |out| {
-        out.byte(0);
-        out.slice(&message_len.to_be_bytes());
-        let mut next = lens.iter();
-        for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
-            put_len(out, 1, resource_spans);
-            put_bytes(out, 1, &g.resource);
-            put_len(out, 2, scope_spans);
-            put_bytes(out, 1, scope);
-            for (s, &n) in g.spans.iter().zip(next.by_ref()) {
-                put_len(out, 2, n);
-                put_span(out, s, n);
+    let buf = encoded_into(
+        buffers.take().unwrap_or_default(),
+        GRPC_PREFIX + total,
+        |out| {
+            out.byte(0);
+            out.slice(&message_len.to_be_bytes());
+            let mut next = lens.iter();
+            for (g, &(resource_spans, scope_spans)) in groups.iter().zip(&sizes) {
+                put_len(out, 1, resource_spans);
+                put_bytes(out, 1, &g.resource);
+                put_len(out, 2, scope_spans);
+                put_bytes(out, 1, scope);
+                for (s, &n) in g.spans.iter().zip(next.by_ref()) {
+                    put_len(out, 2, n);
+                    put_span(out, s, n);
+                }
             }
-        }
-    });
+        },
+    );
     Request(Bytes::from_owner(Lent {
         buf,
         home: buffers.clone(),
@@ -439,32 +411,32 @@ mod tests {
 
     #[test]
     fn a_request_buffer_comes_back_when_its_bytes_are_dropped() {
-        let buffers = Buffers::new(1);
+        let pool = buffers(1);
         let one = span(false, None, Attributes::least(Side::Server));
         let groups = [Group {
             resource: resource(&[]).into(),
             spans: vec![&one],
         }];
-        let first = request(&groups, &scope(), &buffers).grpc();
+        let first = request(&groups, &scope(), &pool).grpc();
         let at = first.as_ptr();
         let part = first.slice(GRPC_PREFIX..);
         drop(first);
         // Still lent while any of its bytes are held.
-        assert_eq!(buffers.kept(), 0);
+        assert_eq!(pool.kept(), 0);
         drop(part);
-        assert_eq!(buffers.kept(), 1);
+        assert_eq!(pool.kept(), 1);
         // The next request is written into it, the same bytes as into a new buffer.
-        let again = request(&groups, &scope(), &buffers).grpc();
+        let again = request(&groups, &scope(), &pool).grpc();
         assert_eq!(again.as_ptr(), at);
-        assert_eq!(buffers.kept(), 0);
-        let fresh = request(&groups, &scope(), &Buffers::new(1)).grpc();
+        assert_eq!(pool.kept(), 0);
+        let fresh = request(&groups, &scope(), &buffers(1)).grpc();
         assert_eq!(again, fresh);
         // Kept: one per export in flight and one more; the rest go back to the allocator.
         let held: Vec<Bytes> = (0..4)
-            .map(|_| request(&groups, &scope(), &buffers).grpc())
+            .map(|_| request(&groups, &scope(), &pool).grpc())
             .collect();
         drop(held);
-        assert_eq!(buffers.kept(), 2);
+        assert_eq!(pool.kept(), 2);
     }
 
     fn span(remote: bool, error: Option<&'static str>, attributes: Attributes) -> Span {
@@ -486,7 +458,7 @@ mod tests {
     }
 
     fn decode(groups: &[Group<'_>]) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest::decode(request(groups, &scope(), &Buffers::new(1)).message())
+        ExportTraceServiceRequest::decode(request(groups, &scope(), &buffers(1)).message())
             .expect("a valid OTLP request")
     }
 
@@ -707,8 +679,8 @@ mod tests {
             resource: resource_of("p"),
             spans: vec![&s],
         }];
-        let grpc = request(&groups, &scope(), &Buffers::new(1)).grpc();
-        let message = request(&groups, &scope(), &Buffers::new(1)).message();
+        let grpc = request(&groups, &scope(), &buffers(1)).grpc();
+        let message = request(&groups, &scope(), &buffers(1)).message();
         assert_eq!(grpc[0], 0, "not compressed");
         let len = u32::from_be_bytes(grpc[1..GRPC_PREFIX].try_into().unwrap()) as usize;
         assert_eq!(len, message.len());
