@@ -125,18 +125,26 @@ fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
     }
 }
 
-/// The bytes waiting in the ring, if it has room for the largest event. When the reader is
-/// behind, a call on a TCP socket is counted lost here, before the copies and the in-flight
-/// record it would have been lost after anyway: under overload the traced processes pay less
-/// for events nobody can read.
+/// The record of a call on descriptor `fd` of the current process is lost (`reason`, one of
+/// `lost::*`): counted, and the socket marked so that its next record says so.
 #[inline(always)]
-fn ring_room() -> Option<u64> {
+fn lose_call(pid_tgid: u64, fd: i64, reason: u32) {
+    count_lost(reason);
+    mark_lost(pid_tgid, fd);
+}
+
+/// The bytes waiting in the ring, if it has room for the largest event. When the reader is
+/// behind, the call on descriptor `fd` (a TCP socket) is lost here, before the copies and the
+/// in-flight record it would have been lost after anyway: under overload the traced processes
+/// pay less for events nobody can read.
+#[inline(always)]
+fn ring_room(pid_tgid: u64, fd: i64) -> Option<u64> {
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
     let room = (Config.ring_bytes() as u64).saturating_sub(waiting);
     if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + RECORD_HEADER {
         return Some(waiting);
     }
-    count_lost(lost::RINGBUF_FULL);
+    lose_call(pid_tgid, fd, lost::RINGBUF_FULL);
     None
 }
 
@@ -160,8 +168,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some(sock) = tcp_socket(pid_tgid, fd) else {
         return 0;
     };
-    let Some(waiting) = ring_room() else {
-        mark_lost(pid_tgid, fd);
+    let Some(waiting) = ring_room(pid_tgid, fd) else {
         return 0;
     };
     let inflight = Inflight {
@@ -185,8 +192,7 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         // SAFETY: only this thread writes its own record, and it is in this syscall.
         unsafe { *slot = inflight };
     } else if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        count_lost(lost::INFLIGHT_FULL);
-        mark_lost(pid_tgid, fd);
+        lose_call(pid_tgid, fd, lost::INFLIGHT_FULL);
         warn!(
             ctx,
             "wirespan: in-flight table full, syscall {} not followed", id
@@ -362,10 +368,7 @@ fn emit(
         .output::<[u8]>(bytes, wakeup(event_kind, size as u64, waiting))
         .is_err()
     {
-        count_lost(lost::RINGBUF_FULL);
-        if event_kind == kind::DATA {
-            mark_lost(pid_tgid, fd as i64);
-        }
+        lose_call(pid_tgid, fd as i64, lost::RINGBUF_FULL);
         return;
     }
     let Payload::Buf(src) = payload else {
@@ -477,8 +480,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some(sock) = tcp_socket(pid_tgid, fd) else {
         return 0;
     };
-    let Some(waiting) = ring_room() else {
-        mark_lost(pid_tgid, fd);
+    let Some(waiting) = ring_room(pid_tgid, fd) else {
         return 0;
     };
     let payload = match id {

@@ -1,8 +1,8 @@
 """Numbered exchanges for wirespan's tests: each answer's status tells which request it answers.
 
-`numbered.py serve PORT`: an HTTP/1.1 keep-alive server answering GET /N with status 200 + N % 4
+`numbered.py PORT`: an HTTP/1.1 keep-alive server answering GET /N with status 200 + N % 4
 and a one-byte body.
-`numbered.py get PORT SECONDS`: GET /0, /1, ... on one keep-alive connection for SECONDS,
+`numbered.py PORT SECONDS`: GET /0, /1, ... on one keep-alive connection for SECONDS,
 checking each status; prints the number of requests sent and of wrong answers.
 """
 import http.client
@@ -46,4 +46,7 @@ def get(port, seconds):
 
 
 if __name__ == "__main__":
-    {"serve": serve, "get": get}[sys.argv[1]](int(sys.argv[2]), *map(float, sys.argv[3:]))
+    if len(sys.argv) > 2:
+        get(int(sys.argv[1]), float(sys.argv[2]))
+    else:
+        serve(int(sys.argv[1]))

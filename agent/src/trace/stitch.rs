@@ -572,13 +572,18 @@ impl Stitcher {
     /// peer's) no longer link spans.
     fn resync_after_loss(&mut self, conn: &mut Conn) {
         self.stats.resynced_after_loss += 1;
-        for p in conn.pending.drain(..) {
-            self.forget_node(p.id);
-            self.stats.pending_dropped += 1;
-        }
+        self.give_up(std::mem::take(&mut conn.pending));
         conn.ingress = Stream::joined_midway(conn.ingress.kind());
         conn.egress = Stream::joined_midway(conn.egress.kind());
         conn.from_start = false;
+    }
+
+    /// Requests that will get no response here: forgotten, and counted as given up.
+    fn give_up(&mut self, pending: VecDeque<Pending>) {
+        for p in pending {
+            self.forget_node(p.id);
+            self.stats.pending_dropped += 1;
+        }
     }
 
     /// A connection's state from its first event, unless the table is full (counted).
@@ -1224,10 +1229,7 @@ impl Stitcher {
         for id in closed {
             // Requests that waited this long for a response are given up (counted).
             if let Some(c) = self.conns.remove(&id) {
-                for p in c.pending {
-                    self.forget_node(p.id);
-                    self.stats.pending_dropped += 1;
-                }
+                self.give_up(c.pending);
             }
         }
         let live: std::collections::HashSet<u32> = self.conns.values().map(|c| c.pid).collect();
