@@ -13,7 +13,7 @@ use wirespan::{
     capture::{Capture, CaptureConfig, DecodeError, EventSink, Lost, SocketEvent},
     clock::WallClock,
     config::{Config, ExportMode, LogFormat, Overrides},
-    export::{Batching, Exporter, OtlpConfig, OtlpProtocol, Target},
+    export::{Batching, Exporter, OtlpConfig, OtlpProtocol, Outbox, Target},
     http::routes::Routes,
     identity::Pods,
     k8s,
@@ -530,7 +530,7 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
         stitcher,
         selector,
         exporter,
-        spans: Vec::new(),
+        outbox: Outbox::default(),
         log_spans: config.telemetry.log_spans,
         log_format,
         out: std::io::BufWriter::new(std::io::stdout()),
@@ -552,7 +552,7 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
     // and sent, within the 5 seconds a node agent gets to stop.
     let stopping = std::time::Instant::now();
     metrics.ready.store(false, Ordering::Relaxed);
-    tracer.stitcher.flush(&mut tracer.spans);
+    tracer.stitcher.flush(&mut tracer.outbox.spans);
     tracer.hand_out();
     let _ = tracer.out.flush();
     let Tracer {
@@ -602,7 +602,8 @@ struct Tracer<W: Write> {
     stitcher: Stitcher,
     selector: Selector,
     exporter: Exporter,
-    spans: Vec<wirespan::trace::Span>,
+    /// Spans made and not yet handed to the exporter.
+    outbox: Outbox,
     log_spans: bool,
     log_format: LogFormat,
     out: W,
@@ -618,25 +619,31 @@ struct Tracer<W: Write> {
 
 impl<W: Write> Tracer<W> {
     fn hand_out(&mut self) {
-        if self.spans.is_empty() {
+        if self.outbox.spans.is_empty() {
             return;
         }
         if self.log_spans {
-            for span in &self.spans {
+            for span in &self.outbox.spans {
                 self.line.clear();
                 print::span_line(&mut self.line, span);
                 let _ = self.out.write_all(self.line.as_bytes());
             }
         }
-        let group = std::mem::replace(&mut self.spans, self.exporter.group());
+        let group = self.outbox.take(self.exporter.group());
         self.exporter.send_all(group);
     }
 
     /// Time-based work of the selector and the stitcher, and the metrics' values.
     fn tick(&mut self) {
         self.selector.sweep();
-        self.stitcher.tick(&mut self.spans);
-        self.hand_out();
+        self.stitcher.tick(&mut self.outbox.spans);
+        // A partial group waits a little for more (see `Outbox`).
+        if self
+            .exporter
+            .due(&mut self.outbox, std::time::Instant::now())
+        {
+            self.hand_out();
+        }
         self.publish();
         self.maybe_print_stats();
         wirespan::return_idle_memory_if_due();
@@ -680,7 +687,7 @@ impl<W: Write> EventSink for Tracer<W> {
         match event {
             Ok(ev) => {
                 if self.selector.admit(&ev) {
-                    self.stitcher.event(&ev, &mut self.spans)
+                    self.stitcher.event(&ev, &mut self.outbox.spans)
                 }
             }
             Err(e) => {
@@ -690,8 +697,8 @@ impl<W: Write> EventSink for Tracer<W> {
         }
         // Whole export batches at a time: each hand-out wakes the export task, which at
         // saturation was every 64 spans, a tenth of a microsecond of scheduler work per span
-        // on both sides. The rest goes out at the end of each read of the ring (`idle`).
-        if self.spans.len() >= self.exporter.batch_size() {
+        // on both sides. Fewer go at a tick once they have waited (`Outbox`).
+        if self.outbox.spans.len() >= self.exporter.batch_size() {
             self.hand_out();
         }
         // Under constant load the ring is never empty and `idle` would not run: do the
