@@ -156,9 +156,11 @@ impl EventHeader {
 pub struct EventBuf {
     pub header: EventHeader,
     pub data: [u8; 2 * MAX_CAPTURE],
+    /// Bytes of records this CPU wrote since it last forced a wake-up of the agent (not sent).
+    pub unwoken: u64,
 }
 const _: () = assert!(
-    core::mem::size_of::<EventBuf>() == core::mem::size_of::<EventHeader>() + 2 * MAX_CAPTURE
+    core::mem::size_of::<EventBuf>() == core::mem::size_of::<EventHeader>() + 2 * MAX_CAPTURE + 8
 );
 // The programs read the payload's first word as one (see `starts_like_request`).
 const _: () = assert!(core::mem::offset_of!(EventBuf, data) % 8 == 0);
@@ -182,15 +184,12 @@ pub struct Inflight {
     pub fd: i32,
     /// One of `syscall::*`.
     pub syscall: u32,
-    /// Bytes waiting in the ring when enter checked it for room, for the exit's wake-up decision
-    /// (records seeded by the agent carry 0 and `enter_ns` 0: the exit asks the ring then).
-    pub ring_waiting: u32,
-    /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
-    pub enter_ns: u64,
     /// 1 when enter found that a record of this socket was lost before this call (the exit
     /// sends `kind::DATA_AFTER_LOSS`); 0 otherwise and in seeded records.
     pub after_loss: u32,
-    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
+    pub enter_ns: u64,
+    pub _pad: u64,
 }
 const _: () = assert!(core::mem::size_of::<Inflight>() == 64);
 

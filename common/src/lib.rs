@@ -68,9 +68,10 @@ pub struct Settings {
     pub capture_bytes: u32,
     /// One of `pid_filter::ALL_EXCEPT_IGNORED`, `pid_filter::ONLY_LISTED`.
     pub filter_mode: u32,
-    /// The `EVENTS` ring's size in bytes, as the agent created it (the programs would
-    /// otherwise ask the ring for it on every call).
-    pub ring_bytes: u32,
+    /// Bytes of records a CPU writes between two wake-ups of the agent it forces: the ring's
+    /// size over twice the possible CPUs, so that the records written since the last wake-ups
+    /// never fill the ring.
+    pub wake_bytes: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 12);
 
@@ -79,7 +80,7 @@ impl Settings {
         Self {
             capture_bytes: 0,
             filter_mode: pid_filter::ALL_EXCEPT_IGNORED,
-            ring_bytes: 0,
+            wake_bytes: 0,
         }
     }
 }

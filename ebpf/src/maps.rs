@@ -97,7 +97,7 @@ fields!(
 #[derive(Clone, Copy)]
 pub struct Config;
 
-fields!(Config, SETTINGS, capture_bytes, filter_mode, ring_bytes);
+fields!(Config, SETTINGS, capture_bytes, filter_mode, wake_bytes);
 
 #[inline(always)]
 pub fn count_lost(index: u32) {

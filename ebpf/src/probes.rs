@@ -83,44 +83,34 @@ fn traced(tgid: u32) -> bool {
     }
 }
 
-/// `bpf_ringbuf_query` flag: bytes written and not yet read.
-const BPF_RB_AVAIL_DATA: u64 = 0;
 /// `bpf_ringbuf_output` flags.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// The kernel's header before each ring record (`BPF_RINGBUF_HDR_SZ`).
 const RECORD_HEADER: u64 = 8;
-/// Records wake the agent each time the bytes waiting in the ring cross a multiple of this
-/// share of the ring (1/16: 256 KiB of a 4 MiB ring, about 1,500 records).
-const WAKEUP_SHIFT: u32 = 4;
 
-/// The wake-up flag for a record of `size` bytes.
+/// The wake-up flag for a record of `size` bytes, `unwoken` the bytes this CPU wrote since
+/// it last forced one (this CPU's scratch slot, updated here).
 ///
 /// The kernel's default wakes the reader for every record written while it had caught up,
 /// which at high rates is nearly every record: an interrupt and a scheduler wake-up per
 /// record, taken from the traced process, and an agent woken for one record at a time.
-/// Records are written without one; the agent is woken each time the bytes waiting cross a
-/// multiple of 1/16 of the ring (so a reader that fell asleep is woken long before the ring
-/// fills, even if a crossing races on two CPUs), and it drains the ring on its 50 ms tick
-/// anyway. A connect always wakes it: the agent reads a new client's /proc entry at its
-/// connection's first event, and a short-lived client (curl) may exit within milliseconds.
-///
-/// `waiting` is the ring's fill as this program read it before its copies, if it did (a
-/// query costs a cross-CPU cache miss or two): a crossing that other CPUs' records make in
-/// the meantime is seen by the next record.
+/// Records are written without one; each CPU wakes the agent each time it has written
+/// `wake_bytes` (the ring's size over twice the CPUs: 1 MiB of a 4 MiB ring on 2 CPUs, so the
+/// records of all CPUs since their last wake-ups never fill the ring), and the agent drains
+/// the ring on its 50 ms tick anyway. Counting per CPU costs nothing: asking the ring how
+/// much waits in it was a cross-CPU cache miss or two, 32 ns of each call's 360
+/// (docs/BENCHMARKS.md). A connect always wakes it: the agent reads a new client's /proc
+/// entry at its connection's first event, and a short-lived client (curl) may exit within
+/// milliseconds.
 #[inline(always)]
-fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
-    if event_kind == kind::CONNECT {
-        return BPF_RB_FORCE_WAKEUP;
-    }
-    let step = (Config.ring_bytes() >> WAKEUP_SHIFT) as u64;
-    let waiting = match waiting {
-        Some(waiting) => waiting,
-        None => EVENTS.query(BPF_RB_AVAIL_DATA),
-    };
-    if step == 0 || waiting / step != (waiting + size + RECORD_HEADER) / step {
+fn wakeup(unwoken: &mut u64, event_kind: u32, size: u64) -> u64 {
+    let written = *unwoken + size + RECORD_HEADER;
+    if event_kind == kind::CONNECT || written >= Config.wake_bytes() as u64 {
+        *unwoken = 0;
         BPF_RB_FORCE_WAKEUP
     } else {
+        *unwoken = written;
         BPF_RB_NO_WAKEUP
     }
 }
@@ -131,21 +121,6 @@ fn wakeup(event_kind: u32, size: u64, waiting: Option<u64>) -> u64 {
 fn lose_call(pid_tgid: u64, fd: i64, reason: u32) {
     count_lost(reason);
     mark_lost(pid_tgid, fd);
-}
-
-/// The bytes waiting in the ring, if it has room for the largest event. When the reader is
-/// behind, the call on descriptor `fd` (a TCP socket) is lost here, before the copies and the
-/// in-flight record it would have been lost after anyway: under overload the traced processes
-/// pay less for events nobody can read.
-#[inline(always)]
-fn ring_room(pid_tgid: u64, fd: i64) -> Option<u64> {
-    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let room = (Config.ring_bytes() as u64).saturating_sub(waiting);
-    if room >= (size_of::<EventHeader>() + MAX_CAPTURE) as u64 + RECORD_HEADER {
-        return Some(waiting);
-    }
-    lose_call(pid_tgid, fd, lost::RINGBUF_FULL);
-    None
 }
 
 /// The caller's pid_tgid, if the programs are live and the caller's process is traced.
@@ -168,9 +143,6 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some(sock) = tcp_socket(pid_tgid, fd) else {
         return 0;
     };
-    let Some(waiting) = ring_room(pid_tgid, fd) else {
-        return 0;
-    };
     let inflight = Inflight {
         sk: sock.sk as u64,
         ino: sock.ino,
@@ -179,10 +151,9 @@ fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         iovcnt: arg(ctx, at.count),
         fd: fd as i32,
         syscall: id,
-        ring_waiting: waiting as u32,
+        after_loss: sock.after_loss as u32,
         // SAFETY: a helper without preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
-        after_loss: sock.after_loss as u32,
         _pad: 0,
     };
     // A thread's record stays in the table between its calls and is rewritten in place: an
@@ -261,7 +232,6 @@ fn emit(
     len: u64,
     payload: Payload,
     enter_ns: u64,
-    waiting: Option<u64>,
 ) {
     let (event_kind, id, dir) = ev;
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
@@ -365,7 +335,7 @@ fn emit(
     // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
     if EVENTS
-        .output::<[u8]>(bytes, wakeup(event_kind, size as u64, waiting))
+        .output::<[u8]>(bytes, wakeup(&mut buf.unwoken, event_kind, size as u64))
         .is_err()
     {
         lose_call(pid_tgid, fd as i64, lost::RINGBUF_FULL);
@@ -400,7 +370,10 @@ fn emit(
         // SAFETY: as above.
         let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
         if EVENTS
-            .output::<[u8]>(bytes, wakeup(kind::DATA_MORE, size as u64, None))
+            .output::<[u8]>(
+                bytes,
+                wakeup(&mut buf.unwoken, kind::DATA_MORE, size as u64),
+            )
             .is_err()
         {
             count_lost(lost::RINGBUF_FULL);
@@ -480,9 +453,6 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let Some(sock) = tcp_socket(pid_tgid, fd) else {
         return 0;
     };
-    let Some(waiting) = ring_room(pid_tgid, fd) else {
-        return 0;
-    };
     let payload = match id {
         syscall::READV => Payload::Iov(buf, count),
         syscall::RECVMSG => Payload::Msghdr(buf),
@@ -496,7 +466,6 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         len as u64,
         payload,
         0,
-        Some(waiting),
     );
     0
 }
@@ -549,9 +518,6 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
         len as u64,
         payload,
         inflight.enter_ns,
-        // The fill at enter: a call is short next to the ring's 1/16 steps, and another
-        // CPU's record sees a crossing this one misses.
-        (inflight.enter_ns != 0).then_some(inflight.ring_waiting as u64),
     );
     0
 }
@@ -625,7 +591,6 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
             0,
             Payload::None,
             0,
-            None,
         );
     }
     0
@@ -677,7 +642,6 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
             0,
             Payload::None,
             0,
-            None,
         );
     }
     0
@@ -699,7 +663,6 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
             0,
             Payload::None,
             0,
-            None,
         );
     }
     0

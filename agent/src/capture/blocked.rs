@@ -47,7 +47,6 @@ pub fn seed_for(nr: i64, a: [u64; 6]) -> Option<Inflight> {
         family: 0,
         fd: i32::try_from(a[0]).ok()?,
         syscall: id,
-        ring_waiting: 0,
         enter_ns: 0,
         after_loss: 0,
         _pad: 0,

@@ -15,7 +15,7 @@ use aya::{
     programs::TracePoint,
 };
 use tokio::io::{Interest, unix::AsyncFd};
-use wirespan_common::{MAX_CAPTURE, Settings, lost, names, pid_filter};
+use wirespan_common::{EventHeader, MAX_CAPTURE, Settings, lost, names, pid_filter};
 
 pub use event::{DecodeError, Direction, EventKind, SocketEvent};
 use layout::{KernelBtf, LayoutError};
@@ -143,7 +143,7 @@ impl Capture {
             } else {
                 pid_filter::ONLY_LISTED
             },
-            ring_bytes: config.ring_bytes,
+            wake_bytes: wake_bytes(config.ring_bytes, aya::util::nr_cpus().unwrap_or(1024)),
         };
         // No kernel BTF for the loader: the programs read kernel structures at the offsets in
         // LAYOUT (derived above), not through CO-RE relocations, and parsing vmlinux BTF a
@@ -415,6 +415,15 @@ fn seed_blocked_threads(ebpf: &mut Ebpf, config: &CaptureConfig) {
     log::debug!("seeded {seeded} threads blocked in socket syscalls before attach");
 }
 
+/// Bytes of records each of `cpus` CPUs writes between the wake-ups of the agent it forces
+/// (`Settings::wake_bytes`): half the ring shared among them, so that what all of them wrote
+/// since their last wake-ups does not fill it; at least one largest record (on more than 256
+/// CPUs for a 4 MiB ring, the agent's 50 ms drain is what empties it).
+fn wake_bytes(ring_bytes: u32, cpus: usize) -> u32 {
+    let share = u64::from(ring_bytes) / 2 / cpus.max(1) as u64;
+    share.max((size_of::<EventHeader>() + MAX_CAPTURE) as u64) as u32
+}
+
 fn read_lost(map: &PerCpuArray<MapData, u64>) -> Lost {
     let sum = |i: u32| {
         map.get(&i, 0)
@@ -461,4 +470,20 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureEr
         name,
         source: aya::maps::MapError::InvalidName { name: name.into() },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cpu_wakes_the_agent_before_all_of_them_fill_half_the_ring() {
+        // 4 MiB on 2 CPUs: 1 MiB each.
+        assert_eq!(wake_bytes(4 << 20, 2), 1 << 20);
+        assert_eq!(wake_bytes(4 << 20, 1), 2 << 20);
+        // Many CPUs: never less than one largest record.
+        let largest = (size_of::<EventHeader>() + MAX_CAPTURE) as u32;
+        assert_eq!(wake_bytes(4 << 20, 4096), largest);
+        assert_eq!(wake_bytes(4 << 20, 0), 2 << 20);
+    }
 }
