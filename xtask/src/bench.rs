@@ -530,7 +530,9 @@ fn samples_json(s: &Samples) -> Value {
 /// Open-loop load: `rate` GET requests per second for `seconds`, one connection per request
 /// (the Flask development server closes after each answer), by 32 workers. Latency counts from
 /// the scheduled send time, so a slow server cannot hide its queueing.
-fn fixed_rate(port: u16, rate: u32, seconds: u64) -> anyhow::Result<(f64, f64, f64, u64)> {
+/// Requests at `rate` per second for `seconds`: each request's latency from when it was due
+/// (sorted, in us), the rate achieved and the requests that failed.
+fn fixed_rate(port: u16, rate: u32, seconds: u64) -> anyhow::Result<(Vec<f64>, f64, u64)> {
     let total = (rate as u64) * seconds;
     let start = Instant::now() + Duration::from_millis(100);
     let next = Arc::new(Mutex::new(0u64));
@@ -571,13 +573,54 @@ fn fixed_rate(port: u16, rate: u32, seconds: u64) -> anyhow::Result<(f64, f64, f
     let wall = start.elapsed().as_secs_f64();
     let mut lat = results.lock().unwrap().clone();
     lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
     let errors = *errors.lock().unwrap();
-    Ok((pct(0.5), pct(0.99), lat.len() as f64 / wall, errors))
+    let rps = lat.len() as f64 / wall;
+    Ok((lat, rps, errors))
+}
+
+/// The `q` quantile of `sorted` (the sample at rank `len * q`), 0 for none.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n as f64 * q) as usize).min(n - 1)],
+    }
+}
+
+/// A 95% bootstrap interval of `quantile(a, q) / quantile(b, q)`: both samples drawn again
+/// with replacement `draws` times (a fixed seed, so a run's figures can be recomputed).
+///
+/// A p99 of a few thousand requests rests on its few dozen slowest, and from one run to the
+/// next it moved by more than the 2% the target allows; the interval says whether a run can
+/// tell a difference of that size at all.
+fn ratio_interval(a: &[f64], b: &[f64], q: f64, draws: usize) -> (f64, f64) {
+    if a.is_empty() || b.is_empty() || draws == 0 {
+        return (0.0, 0.0);
+    }
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    // splitmix64
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut scratch = Vec::new();
+    let mut resampled_quantile = |v: &[f64], next: &mut dyn FnMut() -> u64| {
+        scratch.clear();
+        scratch.extend((0..v.len()).map(|_| v[(next() % v.len() as u64) as usize]));
+        let k = ((v.len() as f64 * q) as usize).min(v.len() - 1);
+        *scratch.select_nth_unstable_by(k, |x, y| x.total_cmp(y)).1
+    };
+    let mut ratios: Vec<f64> = (0..draws)
+        .map(|_| {
+            let qa = resampled_quantile(a, &mut next);
+            let qb = resampled_quantile(b, &mut next);
+            if qb > 0.0 { qa / qb } else { 0.0 }
+        })
+        .collect();
+    ratios.sort_by(|x, y| x.total_cmp(y));
+    (quantile(&ratios, 0.025), quantile(&ratios, 0.975))
 }
 
 fn one_request(port: u16) -> std::io::Result<()> {
@@ -618,6 +661,8 @@ fn service_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::R
     let http_endpoint = format!("http://{}", sink.http);
     let modes = ["plain", "wirespan", "sdk"];
     let mut samples: Samples = BTreeMap::new();
+    // Every request's latency, per mode, across the rounds.
+    let mut pooled: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 0..args.rounds {
         for k in 0..modes.len() {
             let mode = modes[(round + k) % modes.len()];
@@ -657,10 +702,11 @@ fn service_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::R
             // Warm up the interpreter and the downstream connection path.
             let _ = fixed_rate(port, args.rate, 2)?;
             let spans_before = sink.count()?;
-            let (p50, p99, rps, errors) = fixed_rate(port, args.rate, args.service_seconds)?;
+            let (lat, rps, errors) = fixed_rate(port, args.rate, args.service_seconds)?;
             let mut m = BTreeMap::new();
-            m.insert("p50_us", p50);
-            m.insert("p99_us", p99);
+            m.insert("p50_us", quantile(&lat, 0.5));
+            m.insert("p99_us", quantile(&lat, 0.99));
+            pooled.entry(mode).or_default().extend(lat);
             m.insert("rps", rps);
             m.insert("errors", errors as f64);
             if let Some(a) = agent {
@@ -679,12 +725,22 @@ fn service_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::R
     let base_p99 = med(&samples, "plain", "p99_us");
     let mut result =
         json!({ "samples": samples_json(&samples), "rate": args.rate, "work_ms": args.work_ms });
+    for v in pooled.values_mut() {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    let plain = pooled.get("plain").cloned().unwrap_or_default();
     for mode in modes {
+        let all = pooled.get(mode).map(Vec::as_slice).unwrap_or_default();
+        let (low, high) = ratio_interval(all, &plain, 0.99, 1000);
         result[mode] = json!({
             "p50_us": med(&samples, mode, "p50_us"),
             "p99_us": med(&samples, mode, "p99_us"),
             "p50_ratio": med(&samples, mode, "p50_us") / base_p50,
             "p99_ratio": med(&samples, mode, "p99_us") / base_p99,
+            "requests": all.len(),
+            "pooled_p99_us": quantile(all, 0.99),
+            "pooled_p99_ratio": quantile(all, 0.99) / quantile(&plain, 0.99).max(f64::MIN_POSITIVE),
+            "pooled_p99_ratio_95": [low, high],
             "rps": med(&samples, mode, "rps"),
             "spans_received": med(&samples, mode, "spans_received"),
         });
@@ -898,16 +954,61 @@ fn print_service(s: &Value) {
         "realistic service (Flask, {} ms work + one call to Go) at {} req/s:",
         s["work_ms"], s["rate"]
     );
-    println!("  mode        p50 us   p99 us  p50 ratio  p99 ratio   spans");
+    println!(
+        "  mode        p50 us   p99 us  p50 ratio  p99 ratio   spans  | all rounds: p99 ratio (95% interval)"
+    );
     for mode in ["plain", "wirespan", "sdk"] {
         let m = &s[mode];
         println!(
-            "  {mode:<9} {:>8.0} {:>8.0}  {:>9.3}  {:>9.3}  {:>6.0}",
+            "  {mode:<9} {:>8.0} {:>8.0}  {:>9.3}  {:>9.3}  {:>6.0}  | {:.3} ({:.3}-{:.3}) of {} requests",
             num(&m["p50_us"]),
             num(&m["p99_us"]),
             num(&m["p50_ratio"]),
             num(&m["p99_ratio"]),
-            num(&m["spans_received"])
+            num(&m["spans_received"]),
+            num(&m["pooled_p99_ratio"]),
+            num(&m["pooled_p99_ratio_95"][0]),
+            num(&m["pooled_p99_ratio_95"][1]),
+            m["requests"],
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_is_the_sample_at_its_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 51.0);
+        assert_eq!(quantile(&v, 0.99), 100.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&[], 0.99), 0.0);
+    }
+
+    #[test]
+    fn p99_ratio_interval_holds_the_true_ratio_and_tells_a_difference() {
+        // Latencies spread like a service's: 5 ms of work and an exponential tail.
+        let mut state = 1u64;
+        let mut sample = |scale: f64| -> Vec<f64> {
+            let mut v: Vec<f64> = (0..3000)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+                    scale * (5000.0 - 500.0 * (1.0 - u).max(1e-9).ln())
+                })
+                .collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v
+        };
+        let (base, same, slower) = (sample(1.0), sample(1.0), sample(1.3));
+        let (low, high) = ratio_interval(&same, &base, 0.99, 1000);
+        assert!(low < 1.0 && 1.0 < high, "{low}-{high}");
+        let (low, high) = ratio_interval(&slower, &base, 0.99, 1000);
+        assert!(1.0 < low && low < 1.3 && 1.3 < high, "{low}-{high}");
+        assert_eq!(ratio_interval(&[], &base, 0.99, 1000), (0.0, 0.0));
     }
 }
