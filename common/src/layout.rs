@@ -13,6 +13,10 @@ pub struct KernelLayout {
     pub valid: u32,
     /// `task_struct.files`
     pub task_files: u32,
+    /// `task_struct.group_leader`
+    pub task_group_leader: u32,
+    /// `task_struct.start_time`
+    pub task_start_time: u32,
     /// `files_struct.fdt`
     pub files_fdt: u32,
     /// `fdtable.max_fds`
@@ -42,13 +46,15 @@ pub struct KernelLayout {
     /// still set after the kernel clears `skc_num` on a fully closed connection.
     pub inet_sport: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 15 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 17 * 4);
 
 impl KernelLayout {
     pub const fn zeroed() -> Self {
         Self {
             valid: 0,
             task_files: 0,
+            task_group_leader: 0,
+            task_start_time: 0,
             files_fdt: 0,
             fdt_max_fds: 0,
             fdt_fd: 0,

@@ -78,6 +78,8 @@ fields!(
     LAYOUT,
     valid,
     task_files,
+    task_group_leader,
+    task_start_time,
     files_fdt,
     fdt_max_fds,
     fdt_fd,
@@ -107,6 +109,11 @@ pub fn count_lost(index: u32) {
         unsafe { *counter += 1 };
     }
 }
+
+/// tgid -> the start time of the process that made a connection under that pid last (see
+/// `sock::first_connect`).
+#[map(name = "CONNECTORS")]
+pub static CONNECTORS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Sockets in the middle of a large request head: key `struct sock *` + direction, value the
 /// bytes of the head still to capture in full (see `MAX_HEAD_CAPTURE`).

@@ -27,7 +27,7 @@ use crate::{
         Config, EVENTS, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock,
     },
     payload,
-    sock::{TcpSock, fill_endpoints, mark_lost, tcp_socket},
+    sock::{TcpSock, fill_endpoints, first_connect, mark_lost, tcp_socket},
 };
 
 const MSG_PEEK: u32 = 2;
@@ -90,7 +90,7 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const RECORD_HEADER: u64 = 8;
 
 /// The wake-up flag for a record of `size` bytes, `unwoken` the bytes this CPU wrote since
-/// it last forced one (this CPU's scratch slot, updated here).
+/// it last forced one (this CPU's scratch slot, updated here); `force` wakes the agent at once.
 ///
 /// The kernel's default wakes the reader for every record written while it had caught up,
 /// which at high rates is nearly every record: an interrupt and a scheduler wake-up per
@@ -100,13 +100,14 @@ const RECORD_HEADER: u64 = 8;
 /// records of all CPUs since their last wake-ups never fill the ring), and the agent drains
 /// the ring on its 50 ms tick anyway. Counting per CPU costs nothing: asking the ring how
 /// much waits in it was a cross-CPU cache miss or two, 32 ns of each call's 360
-/// (docs/BENCHMARKS.md). A connect always wakes it: the agent reads a new client's /proc
-/// entry at its connection's first event, and a short-lived client (curl) may exit within
-/// milliseconds.
+/// (docs/BENCHMARKS.md). A process's first connect wakes it at once (`sock::first_connect`):
+/// the agent reads a new client's /proc entry at its connection's first event, and a
+/// short-lived client (curl) may exit within milliseconds. Later connects of the same process
+/// do not: a client that opens a connection per request woke the agent for each.
 #[inline(always)]
-fn wakeup(unwoken: &mut u64, event_kind: u32, size: u64) -> u64 {
+fn wakeup(unwoken: &mut u64, force: bool, size: u64) -> u64 {
     let written = *unwoken + size + RECORD_HEADER;
-    if event_kind == kind::CONNECT || written >= Config.wake_bytes() as u64 {
+    if force || written >= Config.wake_bytes() as u64 {
         *unwoken = 0;
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -232,6 +233,7 @@ fn emit(
     len: u64,
     payload: Payload,
     enter_ns: u64,
+    force_wakeup: bool,
 ) {
     let (event_kind, id, dir) = ev;
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
@@ -335,7 +337,7 @@ fn emit(
     // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
     if EVENTS
-        .output::<[u8]>(bytes, wakeup(&mut buf.unwoken, event_kind, size as u64))
+        .output::<[u8]>(bytes, wakeup(&mut buf.unwoken, force_wakeup, size as u64))
         .is_err()
     {
         lose_call(pid_tgid, fd as i64, lost::RINGBUF_FULL);
@@ -370,10 +372,7 @@ fn emit(
         // SAFETY: as above.
         let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
         if EVENTS
-            .output::<[u8]>(
-                bytes,
-                wakeup(&mut buf.unwoken, kind::DATA_MORE, size as u64),
-            )
+            .output::<[u8]>(bytes, wakeup(&mut buf.unwoken, false, size as u64))
             .is_err()
         {
             count_lost(lost::RINGBUF_FULL);
@@ -466,6 +465,7 @@ fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
         len as u64,
         payload,
         0,
+        false,
     );
     0
 }
@@ -518,6 +518,7 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
         len as u64,
         payload,
         inflight.enter_ns,
+        false,
     );
     0
 }
@@ -591,6 +592,7 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
             0,
             Payload::None,
             0,
+            false,
         );
     }
     0
@@ -642,6 +644,7 @@ pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
             0,
             Payload::None,
             0,
+            first_connect(pid_tgid),
         );
     }
     0
@@ -663,6 +666,7 @@ pub fn sock_enter_close(ctx: TracePointContext) -> u32 {
             0,
             Payload::None,
             0,
+            false,
         );
     }
     0

@@ -11,7 +11,7 @@
 use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_current_task_btf};
 use wirespan_common::{EventHeader, SockHead, SockHead6, family};
 
-use crate::maps::{KnownSock, Layout, SOCKS};
+use crate::maps::{CONNECTORS, KnownSock, Layout, SOCKS};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -177,6 +177,30 @@ pub fn tcp_socket(pid_tgid: u64, fd: i64) -> Option<TcpSock> {
             after_loss: false,
         })
     }
+}
+
+/// Whether this is the first connect the programs see of the current process (`pid_tgid`):
+/// its pid is not in `CONNECTORS`, or was last there for a process started at another time
+/// (the pid was reused). Noted for the next one.
+#[inline(always)]
+pub fn first_connect(pid_tgid: u64) -> bool {
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: direct loads through BTF-typed task pointers (see `load`); a bad address reads
+    // as zero, which at worst makes a connect count as a first one.
+    let started: u64 = unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let leader: *const u8 = load(task, Layout.task_group_leader());
+        if leader.is_null() {
+            return true;
+        }
+        load(leader, Layout.task_start_time())
+    };
+    // SAFETY: the value is copied out at once.
+    if unsafe { CONNECTORS.get(tgid) }.copied() == Some(started) {
+        return false;
+    }
+    let _ = CONNECTORS.insert(tgid, started, 0);
+    true
 }
 
 /// Copies both endpoints of `sock` into `header` (ports in host order).

@@ -405,6 +405,55 @@ fn file_pipe_udp_and_unix_socket_io_produce_no_events() {
     }
 }
 
+/// Voluntary context switches of the main thread of process `pid` (the agent's, which reads
+/// the ring): how often it went to sleep and was woken.
+fn wakeups(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .expect("the agent's main thread")
+}
+
+/// A process's first connect wakes the agent at once (it reads the new client's /proc entry
+/// at its first event); its later ones wait for the agent's next read. A client opening a
+/// connection per request, 200 of them in 2 s, woke the agent's reading thread at each: 200
+/// wake-ups or more, where its 50 ms reads alone make about 40.
+#[test]
+fn a_client_connecting_per_request_wakes_the_agent_at_its_first_connect_only() {
+    require_privileges!();
+    let port = free_port();
+    let _server = python_server("127.0.0.1", port).unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    let before = wakeups(agent.pid());
+    let out = std::process::Command::new("python3")
+        .arg(wirespan_tests::program("connect_per_request.py"))
+        .args([&port.to_string(), "200", "100"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let woken = wakeups(agent.pid()) - before;
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let events = agent.stop().unwrap();
+    // Every connection was seen, with its request.
+    let connects = events
+        .iter()
+        .filter(|e| e.pid == pid && e.kind == "connect")
+        .count();
+    let requests = events
+        .iter()
+        .filter(|e| e.pid == pid && e.kind == "egress" && e.data.starts_with(b"GET /"))
+        .count();
+    assert_eq!((connects, requests), (200, 200));
+    assert!(
+        woken < 120,
+        "the agent was woken {woken} times for 200 connects"
+    );
+}
+
 #[test]
 fn pid_option_traces_only_that_process_and_never_wirespan_itself() {
     require_privileges!();

@@ -233,6 +233,8 @@ pub fn derive(tracefs: &Path, btf: &KernelBtf) -> Result<KernelLayout, LayoutErr
     Ok(KernelLayout {
         valid: 1,
         task_files: m("task_struct", "files", &[8])?,
+        task_group_leader: m("task_struct", "group_leader", &[8])?,
+        task_start_time: m("task_struct", "start_time", &[8])?,
         files_fdt: m("files_struct", "fdt", &[8])?,
         fdt_max_fds: m("fdtable", "max_fds", &[4])?,
         fdt_fd: m("fdtable", "fd", &[8])?,
