@@ -70,7 +70,7 @@ pub struct Settings {
     pub filter_mode: u32,
     /// Bytes of records a CPU writes between two wake-ups of the agent it forces: the ring's
     /// size over twice the possible CPUs, so that the records written since the last wake-ups
-    /// never fill the ring.
+    /// do not fill the ring (at least one largest record; see the agent's `wake_bytes`).
     pub wake_bytes: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 12);

@@ -99,8 +99,9 @@ const RECORD_HEADER: u64 = 8;
 /// `wake_bytes` (the ring's size over twice the CPUs: 1 MiB of a 4 MiB ring on 2 CPUs, so the
 /// records of all CPUs since their last wake-ups never fill the ring), and the agent drains
 /// the ring on its 50 ms tick anyway. Counting per CPU costs nothing: asking the ring how
-/// much waits in it was a cross-CPU cache miss or two, 32 ns of each call's 360
-/// (docs/BENCHMARKS.md). A process's first connect wakes it at once (`sock::first_connect`):
+/// much waits in it loads the positions other CPUs write, 15-20 ns of each enter program
+/// (at an exit the reserve that follows took the same misses; docs/BENCHMARKS.md). A
+/// process's first connect wakes it at once (`sock::first_connect`):
 /// the agent reads a new client's /proc entry at its connection's first event, and a
 /// short-lived client (curl) may exit within milliseconds. Later connects of the same process
 /// do not: a client that opens a connection per request woke the agent for each.
