@@ -294,8 +294,8 @@ pub const HOLD: Duration = Duration::from_millis(100);
 /// waited [`HOLD`]. At saturation the event loop reads the ring over a thousand times a second,
 /// and handing out what each read made put groups of a few hundred spans in the queue, each in
 /// a block with room for a batch (1,024 spans of 408 bytes) that the allocator had touched
-/// before: with a full queue the agent's RSS was 47-52 MiB, and 38-45 MiB with whole groups
-/// (docs/BENCHMARKS.md, eleventh session). The export task waits for a whole batch or its delay
+/// before: with a full queue the agent's RSS under load was 44-51 MiB, and 38-41 MiB with
+/// whole groups (docs/BENCHMARKS.md, eleventh session). The export task waits for a whole batch or its delay
 /// (5 s by default) anyway, so a span is sent at most [`HOLD`] later than before.
 #[derive(Default)]
 pub struct Outbox {
