@@ -531,9 +531,8 @@ fn samples_json(s: &Samples) -> Value {
 
 /// Open-loop load: `rate` GET requests per second for `seconds`, one connection per request
 /// (the Flask development server closes after each answer), by 32 workers. Latency counts from
-/// the scheduled send time, so a slow server cannot hide its queueing.
-/// Requests at `rate` per second for `seconds`: each request's latency from when it was due
-/// (sorted, in us), the rate achieved and the requests that failed.
+/// the scheduled send time, so a slow server cannot hide its queueing. Returns each request's
+/// latency (sorted, in us), the rate achieved and the requests that failed.
 fn fixed_rate(port: u16, rate: u32, seconds: u64) -> anyhow::Result<(Vec<f64>, f64, u64)> {
     let total = (rate as u64) * seconds;
     let start = Instant::now() + Duration::from_millis(100);
