@@ -749,13 +749,12 @@ fn service_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::R
         all.sort_by(|a, b| a.total_cmp(b));
         all
     };
-    let plain = pooled("plain");
-    let plain_rounds = latencies.get("plain").cloned().unwrap_or_default();
+    let rounds = |mode: &str| latencies.get(mode).map(Vec::as_slice).unwrap_or_default();
+    let plain_p99 = quantile(&pooled("plain"), 0.99).max(f64::MIN_POSITIVE);
     for mode in modes {
         let all = pooled(mode);
         let all = all.as_slice();
-        let rounds = latencies.get(mode).map(Vec::as_slice).unwrap_or_default();
-        let (low, high) = ratio_interval(rounds, &plain_rounds, 0.99, 1000);
+        let (low, high) = ratio_interval(rounds(mode), rounds("plain"), 0.99, 1000);
         result[mode] = json!({
             "p50_us": med(&samples, mode, "p50_us"),
             "p99_us": med(&samples, mode, "p99_us"),
@@ -763,7 +762,7 @@ fn service_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::R
             "p99_ratio": med(&samples, mode, "p99_us") / base_p99,
             "requests": all.len(),
             "pooled_p99_us": quantile(all, 0.99),
-            "pooled_p99_ratio": quantile(all, 0.99) / quantile(&plain, 0.99).max(f64::MIN_POSITIVE),
+            "pooled_p99_ratio": quantile(all, 0.99) / plain_p99,
             "pooled_p99_ratio_95": [low, high],
             "rps": med(&samples, mode, "rps"),
             "spans_received": med(&samples, mode, "spans_received"),
