@@ -144,8 +144,9 @@ impl Default for Sampling {
 pub struct Capture {
     /// Bytes copied from each read or write (the true length is always reported), max 8192.
     pub bytes: u32,
-    /// Kernel ring buffer size in MiB (a power of two). It is mapped twice into the agent (8 MiB
-    /// of its resident memory at the default 4); larger absorbs longer bursts.
+    /// Kernel ring buffer memory in MiB (a power of two), split among one ring per online CPU
+    /// (at least 256 KiB each). The agent maps it once (4 MiB of its resident memory at the
+    /// default); larger absorbs longer bursts.
     pub ring_mib: u32,
     /// Connections tracked at once; more are counted and ignored.
     pub max_connections: usize,

@@ -118,7 +118,8 @@ struct SelectArgs {
     /// Default 4096.
     #[arg(long, value_name = "BYTES")]
     capture_bytes: Option<u32>,
-    /// Kernel ring buffer size in MiB (a power of two). Default 4.
+    /// Kernel ring buffer memory in MiB (a power of two), split among one ring per online
+    /// CPU (at least 256 KiB each). Default 4.
     #[arg(long, value_name = "MIB")]
     ring_mib: Option<u32>,
     /// Benchmark floor: attach every tracepoint with programs that return at once.

@@ -68,9 +68,9 @@ pub struct Settings {
     pub capture_bytes: u32,
     /// One of `pid_filter::ALL_EXCEPT_IGNORED`, `pid_filter::ONLY_LISTED`.
     pub filter_mode: u32,
-    /// Bytes of records a CPU writes between two wake-ups of the agent it forces: the ring's
-    /// size over twice the possible CPUs, so that the records written since the last wake-ups
-    /// do not fill the ring (at least one largest record; see the agent's `wake_bytes`).
+    /// Bytes of records a CPU writes into its ring between two wake-ups of the agent it
+    /// forces: half the ring, so that the records written since the last wake-up do not fill
+    /// it (at least one largest record; see the agent's `wake_bytes`).
     pub wake_bytes: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 12);

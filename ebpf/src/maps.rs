@@ -1,8 +1,9 @@
 //! Maps and globals shared by every program.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{ArrayOfMaps, RingBuf},
+    macros::{btf_map, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use wirespan_common::{EventBuf, Inflight, KernelLayout, Settings, lost};
 
@@ -16,10 +17,16 @@ pub static LAYOUT: KernelLayout = KernelLayout::zeroed();
 #[unsafe(no_mangle)]
 pub static SETTINGS: Settings = Settings::zeroed();
 
-/// Events to userspace. The agent sizes it at load time (`capture.ring_mib`, 4 MiB by default:
-/// tens of thousands of events, a fraction of a second of saturated loopback HTTP).
-#[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+/// Events to userspace: one ring per CPU, each program writing to its own CPU's (index
+/// `bpf_get_smp_processor_id()`). One ring shared by every CPU made each record take its lock,
+/// its producer position and the header of the record before it from the CPU that wrote last:
+/// with nginx and wrk on different CPUs, each exit program took 120-170 ns more than with both
+/// on one (docs/BENCHMARKS.md). The agent creates the rings (`capture.ring_mib` split among the
+/// online CPUs) and puts them here; the inner definition is only the template the kernel
+/// checks them against (its size is not compared). A CPU without a ring counts its records as
+/// lost.
+#[btf_map]
+pub static EVENTS: ArrayOfMaps<RingBuf<u8, 4096>, 1> = ArrayOfMaps::new();
 
 /// tgid -> `pid_filter::TRACE` / `pid_filter::IGNORE`, maintained by the agent.
 #[map(name = "PID_FILTER")]
@@ -149,3 +156,14 @@ impl KnownSock {
 /// file, walks again. 16,384 entries (about 1 MiB of kernel memory): a miss only costs the walk.
 #[map(name = "SOCKS")]
 pub static SOCKS: LruHashMap<u64, KnownSock> = LruHashMap::with_max_entries(16384, 0);
+
+/// Sends one record through this CPU's ring; false when it is full or the CPU has none.
+#[inline(always)]
+pub fn output(bytes: &[u8], flags: u64) -> bool {
+    // SAFETY: a helper without preconditions.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    match EVENTS.get(cpu) {
+        Some(ring) => ring.output_untyped::<[u8]>(bytes, flags).is_ok(),
+        None => false,
+    }
+}

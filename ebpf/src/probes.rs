@@ -24,7 +24,7 @@ use wirespan_common::{
 
 use crate::{
     maps::{
-        Config, EVENTS, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock,
+        Config, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock, output,
     },
     payload,
     sock::{TcpSock, fill_endpoints, first_connect, mark_lost, tcp_socket},
@@ -96,11 +96,10 @@ const RECORD_HEADER: u64 = 8;
 /// which at high rates is nearly every record: an interrupt and a scheduler wake-up per
 /// record, taken from the traced process, and an agent woken for one record at a time.
 /// Records are written without one; each CPU wakes the agent each time it has written
-/// `wake_bytes` (the ring's size over twice the CPUs: 1 MiB of a 4 MiB ring on 2 CPUs, so the
-/// records of all CPUs since their last wake-ups never fill the ring), and the agent drains
-/// the ring on its 50 ms tick anyway. Counting per CPU costs nothing: asking the ring how
-/// much waits in it loads the positions other CPUs write, 15-20 ns of each enter program
-/// (at an exit the reserve that follows took the same misses; docs/BENCHMARKS.md). A
+/// `wake_bytes` into its ring (half of it: 1 MiB of each 2 MiB ring when 4 MiB are split
+/// between 2 CPUs), and the agent drains the rings on its 50 ms tick anyway. The count is
+/// kept in this CPU's scratch slot: asking the ring how much waits in it costs a load of the
+/// position the agent writes (docs/BENCHMARKS.md). A
 /// process's first connect wakes it at once (`sock::first_connect`):
 /// the agent reads a new client's /proc entry at its connection's first event, and a
 /// short-lived client (curl) may exit within milliseconds. Later connects of the same process
@@ -337,10 +336,7 @@ fn emit(
     let size = size_of::<EventHeader>() + captured;
     // SAFETY: `size` <= size_of::<EventHeader>() + MAX_CAPTURE, inside the EventBuf.
     let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
-    if EVENTS
-        .output::<[u8]>(bytes, wakeup(&mut buf.unwoken, force_wakeup, size as u64))
-        .is_err()
-    {
+    if !output(bytes, wakeup(&mut buf.unwoken, force_wakeup, size as u64)) {
         lose_call(pid_tgid, fd as i64, lost::RINGBUF_FULL);
         return;
     }
@@ -372,10 +368,7 @@ fn emit(
         let size = size_of::<EventHeader>() + n;
         // SAFETY: as above.
         let bytes = unsafe { core::slice::from_raw_parts(buf as *const _ as *const u8, size) };
-        if EVENTS
-            .output::<[u8]>(bytes, wakeup(&mut buf.unwoken, false, size as u64))
-            .is_err()
-        {
+        if !output(bytes, wakeup(&mut buf.unwoken, false, size as u64)) {
             count_lost(lost::RINGBUF_FULL);
             return;
         }

@@ -280,23 +280,43 @@ fn summary_number(summary: &str, before: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Total run time and run count of wirespan's programs (`sock_*`), from the kernel's stats.
-fn bpf_stats() -> anyhow::Result<(u64, u64)> {
+/// Run time and run count of each of wirespan's programs (`sock_*`), from the kernel's stats.
+type BpfStats = BTreeMap<String, (u64, u64)>;
+
+fn bpf_stats() -> anyhow::Result<BpfStats> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
         .context("running bpftool (Debian package bpftool)")?;
     let progs: Value = serde_json::from_slice(&out.stdout)?;
-    let mut time = 0;
-    let mut count = 0;
+    let mut stats = BpfStats::new();
     for p in progs.as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or("");
         if name.starts_with("sock_enter_") || name.starts_with("sock_exit_") {
-            time += p["run_time_ns"].as_u64().unwrap_or(0);
-            count += p["run_cnt"].as_u64().unwrap_or(0);
+            let e = stats.entry(name.to_string()).or_default();
+            e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+            e.1 += p["run_cnt"].as_u64().unwrap_or(0);
         }
     }
-    Ok((time, count))
+    Ok(stats)
+}
+
+/// What each program did between two readings: (name, run time, runs), busiest first.
+fn bpf_delta(before: &BpfStats, after: &BpfStats) -> Vec<(String, u64, u64)> {
+    let mut d: Vec<_> = after
+        .iter()
+        .map(|(name, &(time, count))| {
+            let (t0, c0) = before.get(name).copied().unwrap_or_default();
+            (
+                name.clone(),
+                time.saturating_sub(t0),
+                count.saturating_sub(c0),
+            )
+        })
+        .filter(|&(_, _, count)| count > 0)
+        .collect();
+    d.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    d
 }
 
 #[derive(Debug, Default, Clone)]
@@ -408,6 +428,8 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
     wrk(port, 2)?;
     let modes = ["baseline", "floor", "wirespan"];
     let mut samples: Samples = BTreeMap::new();
+    // Per wirespan round: (program, runs per request, ns per run).
+    let mut programs_by_round: Vec<Vec<(String, f64, f64)>> = Vec::new();
     let endpoint = format!("http://{}", sink.grpc);
     for round in 0..args.rounds {
         for k in 0..modes.len() {
@@ -448,11 +470,27 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                 // Let the last batches arrive.
                 sleep(Duration::from_millis(500));
                 let spans = sink.count()? - spans_before;
-                let bpf_ns = bpf_after.0.saturating_sub(bpf_before.0);
+                let programs = bpf_delta(&bpf_before, &bpf_after);
+                let bpf_ns: u64 = programs.iter().map(|p| p.1).sum();
                 m.insert(
                     "bpf_ns_per_request",
                     bpf_ns as f64 / w.requests.max(1) as f64,
                 );
+                if mode == "wirespan" {
+                    let per_request = w.requests.max(1) as f64;
+                    programs_by_round.push(
+                        programs
+                            .iter()
+                            .map(|(name, time, count)| {
+                                (
+                                    name.clone(),
+                                    *count as f64 / per_request,
+                                    *time as f64 / *count as f64,
+                                )
+                            })
+                            .collect(),
+                    );
+                }
                 // Steady: the median of the samples taken under load; also the one at its end.
                 let steady = if rss_samples.is_empty() {
                     rss as f64
@@ -522,7 +560,37 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
         result["wirespan"][key] = json!(med(&samples, "wirespan", key));
     }
     result["floor"]["bpf_ns_per_request"] = json!(med(&samples, "floor", "bpf_ns_per_request"));
+    result["wirespan"]["programs"] = programs_json(&programs_by_round);
     Ok(result)
+}
+
+/// Each program's medians over the rounds, busiest first: runs per request, ns per run, and
+/// their product, ns per request.
+fn programs_json(rounds: &[Vec<(String, f64, f64)>]) -> Value {
+    let mut names: Vec<&str> = rounds.iter().flatten().map(|p| p.0.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut rows: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            let of = |f: fn(&(String, f64, f64)) -> f64| {
+                median(
+                    rounds
+                        .iter()
+                        .map(|r| r.iter().find(|p| p.0 == name).map_or(0.0, f))
+                        .collect(),
+                )
+            };
+            json!({
+                "name": name,
+                "runs_per_request": of(|p| p.1),
+                "ns_per_run": of(|p| p.2),
+                "ns_per_request": of(|p| p.1 * p.2),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| num(&b["ns_per_request"]).total_cmp(&num(&a["ns_per_request"])));
+    json!(rows)
 }
 
 fn samples_json(s: &Samples) -> Value {
@@ -959,6 +1027,16 @@ fn print_nginx(r: &Value) {
         num(&w["spans_dropped"]),
         num(&w["agent_wakeups_per_1k_requests"]),
     );
+    println!("  eBPF per program (wirespan):    runs/request   ns/run   ns/request");
+    for p in w["programs"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<28} {:>10.3} {:>8.0} {:>12.0}",
+            p["name"].as_str().unwrap_or(""),
+            num(&p["runs_per_request"]),
+            num(&p["ns_per_run"]),
+            num(&p["ns_per_request"]),
+        );
+    }
     println!(
         "  CPU during a wirespan run of {} s: agent {:.2} s, OTLP receiver {:.2} s (the receiver shares the cores)",
         r["seconds"],

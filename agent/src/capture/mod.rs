@@ -11,7 +11,7 @@ use std::{future::Future, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray},
     programs::TracePoint,
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -20,7 +20,7 @@ use wirespan_common::{EventHeader, MAX_CAPTURE, Settings, lost, names, pid_filte
 pub use event::{DecodeError, Direction, EventKind, SocketEvent};
 use layout::{KernelBtf, LayoutError};
 use probes::{PROBES, Probe};
-use ring::{Ring, RingError};
+use ring::{Ring, RingError, Rings};
 
 /// The kernel object built from `ebpf/` by build.rs. Empty when built with AYA_BUILD_SKIP.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wirespan"));
@@ -61,7 +61,7 @@ pub struct CaptureConfig {
     pub pids: Vec<u32>,
     /// Never traced (wirespan itself is always added).
     pub exclude_pids: Vec<u32>,
-    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    /// Ring buffer bytes in all, split among the online CPUs' rings (see `ring_share`).
     pub ring_bytes: u32,
     /// Attach the programs but leave them inert (they return at once): the cost of the
     /// tracepoints alone, the benchmark's floor.
@@ -107,7 +107,7 @@ pub struct Lost {
 pub struct Capture {
     // Holds the programs and their links: dropping it detaches.
     _ebpf: Ebpf,
-    events: Ring,
+    events: Rings,
     lost: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pid_filter: Option<PidFilter>,
@@ -136,6 +136,13 @@ impl Capture {
         if config.inert {
             kernel_layout.valid = 0;
         }
+        let cpus = aya::util::online_cpus().map_err(|(path, e)| {
+            CaptureError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
+        })?;
+        let possible = aya::util::nr_cpus().map_err(|(path, e)| {
+            CaptureError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
+        })?;
+        let ring_bytes = ring_share(config.ring_bytes, cpus.len());
         let settings = Settings {
             capture_bytes: config.capture_bytes,
             filter_mode: if config.pids.is_empty() {
@@ -143,7 +150,7 @@ impl Capture {
             } else {
                 pid_filter::ONLY_LISTED
             },
-            wake_bytes: wake_bytes(config.ring_bytes, aya::util::nr_cpus().unwrap_or(1024)),
+            wake_bytes: wake_bytes(ring_bytes),
         };
         // No kernel BTF for the loader: the programs read kernel structures at the offsets in
         // LAYOUT (derived above), not through CO-RE relocations, and parsing vmlinux BTF a
@@ -152,8 +159,15 @@ impl Capture {
             .btf(None)
             .override_global(names::LAYOUT, &kernel_layout, true)
             .override_global(names::SETTINGS, &settings, true)
-            .map_max_entries(names::EVENTS, config.ring_bytes)
+            .map_max_entries(names::EVENTS, possible as u32)
             .load(EBPF_OBJECT)?;
+        // Before any program is attached: a record finds its CPU's ring from the start.
+        let events = Rings::new(create_rings(&mut ebpf, &cpus, ring_bytes)?)?;
+        log::debug!(
+            "{} ring buffers of {} KiB, one per online CPU",
+            events.count(),
+            ring_bytes / 1024
+        );
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -227,7 +241,6 @@ impl Capture {
 
         seed_blocked_threads(&mut ebpf, config);
 
-        let events = Ring::new(take(&mut ebpf, names::EVENTS)?)?;
         let lost = take_map(&mut ebpf, names::LOST)?;
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
             .map(|map| PidFilter { map })
@@ -341,16 +354,9 @@ const BATCH: usize = 4096;
 /// At shutdown, how long the ring is read at most.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Hands up to `BATCH` records in the ring to the sink; true when the ring is empty.
-fn drain(ring: &mut Ring, sink: &mut impl EventSink) -> bool {
-    for _ in 0..BATCH {
-        match ring.read() {
-            Some(item) => sink.event(SocketEvent::decode(item)),
-            None => return true,
-        }
-    }
-    ring.publish();
-    false
+/// Hands up to `BATCH` records in the rings to the sink; true when they are empty.
+fn drain(rings: &mut Rings, sink: &mut impl EventSink) -> bool {
+    rings.drain(BATCH, |record| sink.event(SocketEvent::decode(record)))
 }
 
 /// The kernel's per-process filter: a process written in as ignored costs one map lookup per
@@ -415,13 +421,60 @@ fn seed_blocked_threads(ebpf: &mut Ebpf, config: &CaptureConfig) {
     log::debug!("seeded {seeded} threads blocked in socket syscalls before attach");
 }
 
-/// Bytes of records each of `cpus` CPUs writes between the wake-ups of the agent it forces
-/// (`Settings::wake_bytes`): half the ring shared among them, so that what all of them wrote
-/// since their last wake-ups does not fill it; at least one largest record (on more than 256
-/// CPUs for a 4 MiB ring, the agent's 50 ms drain is what empties it).
-fn wake_bytes(ring_bytes: u32, cpus: usize) -> u32 {
-    let share = u64::from(ring_bytes) / 2 / cpus.max(1) as u64;
-    share.max((size_of::<EventHeader>() + MAX_CAPTURE) as u64) as u32
+/// Each CPU's ring size: an equal share of `total` (a power of two, so the share is one when
+/// the number of CPUs is), at least `MIN_RING`.
+fn ring_share(total: u32, cpus: usize) -> u32 {
+    let share = u64::from(total) / cpus.max(1) as u64;
+    let share = if share.is_power_of_two() {
+        share
+    } else {
+        // The largest power of two below it.
+        1 << (63 - share.max(1).leading_zeros())
+    };
+    share.max(u64::from(MIN_RING)) as u32
+}
+
+/// The smallest ring a CPU gets: room for a large request head's records (1 + `MAX_MORE`
+/// records of up to `MAX_CAPTURE` bytes) twice over.
+const MIN_RING: u32 = 256 * 1024;
+
+/// Creates a ring of `bytes` for each online CPU and puts it in the programs' `EVENTS` at the
+/// CPU's index.
+fn create_rings(ebpf: &mut Ebpf, cpus: &[u32], bytes: u32) -> Result<Vec<Ring>, CaptureError> {
+    let map_error = |source| CaptureError::Map {
+        name: names::EVENTS,
+        source,
+    };
+    let outer = ebpf.map_mut(names::EVENTS).ok_or(CaptureError::Map {
+        name: names::EVENTS,
+        source: aya::maps::MapError::InvalidName {
+            name: names::EVENTS.into(),
+        },
+    })?;
+    let mut outer: ArrayOfMaps<&mut MapData, MapData> =
+        ArrayOfMaps::try_from(outer).map_err(map_error)?;
+    let mut rings = Vec::with_capacity(cpus.len());
+    for &cpu in cpus {
+        let definition = aya_obj::Map::new_from_params(
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+            0,
+            0,
+            bytes,
+            0,
+        );
+        let ring =
+            MapData::create(definition, &format!("EVENTS_{cpu}"), None).map_err(map_error)?;
+        outer.set(cpu, &ring, 0).map_err(map_error)?;
+        rings.push(Ring::new(ring)?);
+    }
+    Ok(rings)
+}
+
+/// Bytes of records a CPU writes into its ring of `ring_bytes` between the wake-ups of the
+/// agent it forces (`Settings::wake_bytes`): half of it, so that what it wrote since its last
+/// wake-up does not fill it; at least one largest record.
+fn wake_bytes(ring_bytes: u32) -> u32 {
+    (ring_bytes / 2).max((size_of::<EventHeader>() + MAX_CAPTURE) as u32)
 }
 
 fn read_lost(map: &PerCpuArray<MapData, u64>) -> Lost {
@@ -477,13 +530,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_cpu_wakes_the_agent_before_all_of_them_fill_half_the_ring() {
-        // 4 MiB on 2 CPUs: 1 MiB each.
-        assert_eq!(wake_bytes(4 << 20, 2), 1 << 20);
-        assert_eq!(wake_bytes(4 << 20, 1), 2 << 20);
-        // Many CPUs: never less than one largest record.
+    fn each_cpu_wakes_the_agent_when_half_its_ring_is_written() {
+        assert_eq!(wake_bytes(2 << 20), 1 << 20);
+        // A tiny ring: never less than one largest record.
         let largest = (size_of::<EventHeader>() + MAX_CAPTURE) as u32;
-        assert_eq!(wake_bytes(4 << 20, 4096), largest);
-        assert_eq!(wake_bytes(4 << 20, 0), 2 << 20);
+        assert_eq!(wake_bytes(4096), largest);
+    }
+
+    #[test]
+    fn the_ring_memory_is_split_among_the_cpus_in_powers_of_two() {
+        assert_eq!(ring_share(4 << 20, 2), 2 << 20);
+        assert_eq!(ring_share(4 << 20, 1), 4 << 20);
+        // 4 MiB over 3 CPUs: 1 MiB each, the power of two below 1.33 MiB.
+        assert_eq!(ring_share(4 << 20, 3), 1 << 20);
+        assert_eq!(ring_share(64 << 20, 6), 8 << 20);
+        // Many CPUs: each still gets room for a large request head.
+        assert_eq!(ring_share(4 << 20, 64), MIN_RING);
+        assert_eq!(ring_share(4 << 20, 0), 4 << 20);
     }
 }

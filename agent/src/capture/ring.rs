@@ -23,7 +23,7 @@ use std::{
     sync::atomic::{AtomicU32, AtomicUsize, Ordering},
 };
 
-use aya::maps::{Map, MapData};
+use aya::maps::{MapData, MapType};
 
 const HEADER: usize = 8;
 const BUSY: u32 = 1 << 31;
@@ -108,11 +108,12 @@ unsafe impl Send for Ring {}
 
 impl Ring {
     /// Maps the ring `map`, of the size the kernel says it has.
-    pub fn new(map: Map) -> Result<Self, RingError> {
-        let Map::RingBuf(map) = map else {
+    pub fn new(map: MapData) -> Result<Self, RingError> {
+        let info = map.info().map_err(RingError::Info)?;
+        if !matches!(info.map_type(), Ok(MapType::RingBuf)) {
             return Err(RingError::NotARing);
-        };
-        let size = map.info().map_err(RingError::Info)?.max_entries() as usize;
+        }
+        let size = info.max_entries() as usize;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         if !size.is_power_of_two() || size < page {
@@ -180,9 +181,47 @@ impl Ring {
         }
     }
 
+    /// Takes in the records written so far: `read` and `peek_u64` see no later ones. The
+    /// producer position is read once per pass over the rings, not at each record: it is a
+    /// line the programs write for every record.
+    pub fn refresh(&mut self) {
+        self.producer_pos = self.load_producer_pos();
+    }
+
     /// The next committed record, if any. The record before it is done with when this is
     /// called again.
     pub fn read(&mut self) -> Option<&[u8]> {
+        let (start, len, step) = self.locate()?;
+        self.held = step;
+        if start + len <= self.size {
+            return Some(&self.data()[start..start + len]);
+        }
+        let first = self.size - start;
+        let mut wrapped = std::mem::take(&mut self.wrapped);
+        wrapped.clear();
+        wrapped.extend_from_slice(&self.data()[start..]);
+        wrapped.extend_from_slice(&self.data()[..len - first]);
+        self.wrapped = wrapped;
+        Some(&self.wrapped)
+    }
+
+    /// The first 8 bytes of the next committed record, as a number (an event's timestamp;
+    /// 0 for a shorter record), without taking it: `read` returns that record next.
+    pub fn peek_u64(&mut self) -> Option<u64> {
+        let (start, len, _) = self.locate()?;
+        if len < 8 {
+            return Some(0);
+        }
+        // A record starts 8-aligned and the ring's size is a multiple of 8: its first 8 bytes
+        // never run past the end.
+        let bytes: [u8; 8] = self.data()[start..start + 8].try_into().ok()?;
+        Some(u64::from_ne_bytes(bytes))
+    }
+
+    /// Where the next committed record's bytes start in the data, its length and the step to
+    /// the one after it. The record handed out last is done with; calling this again before
+    /// `read` finds the same record.
+    fn locate(&mut self) -> Option<(usize, usize, usize)> {
         if self.stopped {
             return None;
         }
@@ -192,15 +231,12 @@ impl Ring {
         }
         loop {
             if self.pos == self.producer_pos {
-                self.producer_pos = self.load_producer_pos();
-                if self.pos == self.producer_pos {
-                    // Caught up: let the producers see all the room there is. A record
-                    // written from here on is read by the next call (the programs decide
-                    // their wake-ups themselves, and the reading loop reads once more after
-                    // it clears its readiness).
-                    self.publish();
-                    return None;
-                }
+                // Caught up with the last `refresh`: let the producers see all the room there
+                // is. A record written from here on is read after the next one (the programs
+                // decide their wake-ups themselves, and the reading loop reads once more after
+                // it clears its readiness).
+                self.publish();
+                return None;
             }
             let mask = self.size - 1;
             let offset = self.pos & mask;
@@ -225,18 +261,7 @@ impl Ring {
                 self.pos += step;
                 continue;
             }
-            self.held = step;
-            let start = (offset + HEADER) & mask;
-            if start + len <= self.size {
-                return Some(&self.data()[start..start + len]);
-            }
-            let first = self.size - start;
-            let mut wrapped = std::mem::take(&mut self.wrapped);
-            wrapped.clear();
-            wrapped.extend_from_slice(&self.data()[start..]);
-            wrapped.extend_from_slice(&self.data()[..len - first]);
-            self.wrapped = wrapped;
-            return Some(&self.wrapped);
+            return Some(((offset + HEADER) & mask, len, step));
         }
     }
 }
@@ -245,4 +270,106 @@ impl AsRawFd for Ring {
     fn as_raw_fd(&self) -> RawFd {
         self.map.fd().as_fd().as_raw_fd()
     }
+}
+
+/// The rings of all CPUs, read as one stream, and one descriptor that is readable when any of
+/// them has been woken (an epoll set of their descriptors).
+///
+/// Each CPU's ring holds its records in the order that CPU wrote them; a thread that moved to
+/// another CPU between two calls has the first in one ring and the second in another. The
+/// records are handed out merged by their timestamps (each ring's next record, the earliest
+/// first), and a read stops at records stamped after it started (`horizon`). A thread's next
+/// call is stamped after its last one was written, so when the later one is handed out the
+/// earlier one was already in its ring, and its timestamp is lower: a thread's records come
+/// in order. Across threads the order is the timestamps', within the few records a CPU wrote
+/// out of order (a sending call is stamped at its start and written at its end).
+pub struct Rings {
+    rings: Vec<Ring>,
+    epoll: std::os::fd::OwnedFd,
+}
+
+impl Rings {
+    pub fn new(rings: Vec<Ring>) -> Result<Self, RingError> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: no preconditions; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(RingError::Map(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        for ring in &rings {
+            let mut event = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: 0,
+            };
+            // SAFETY: both descriptors are open; the event is read during the call.
+            if unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    ring.as_raw_fd(),
+                    &mut event,
+                )
+            } < 0
+            {
+                return Err(RingError::Map(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Self { rings, epoll })
+    }
+
+    /// How many rings there are (one per online CPU).
+    pub fn count(&self) -> usize {
+        self.rings.len()
+    }
+
+    /// Hands at most `max` records to `f`, merged as described above; true when none is left
+    /// that was written before the call.
+    pub fn drain(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> bool {
+        let horizon = monotonic_ns();
+        for ring in &mut self.rings {
+            ring.refresh();
+        }
+        let mut caught_up = false;
+        for _ in 0..max {
+            let mut next: Option<(usize, u64)> = None;
+            for (i, ring) in self.rings.iter_mut().enumerate() {
+                if let Some(ts) = ring.peek_u64()
+                    && ts < horizon
+                    && next.is_none_or(|(_, best)| ts < best)
+                {
+                    next = Some((i, ts));
+                }
+            }
+            let Some((i, _)) = next else {
+                caught_up = true;
+                break;
+            };
+            if let Some(record) = self.rings[i].read() {
+                f(record);
+            }
+        }
+        for ring in &mut self.rings {
+            ring.publish();
+        }
+        caught_up
+    }
+}
+
+impl AsRawFd for Rings {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the programs' `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
