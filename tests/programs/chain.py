@@ -1,18 +1,29 @@
 """A Python service for wirespan's span tests: a thread-per-request HTTP/1.1 server that,
 given --next, calls the next service (a new connection per call) before it answers.
 
+With --hop-cpus, each request's thread runs on the first CPU it may use while it reads the
+request and answers, and on the second while it calls on: its calls land in two CPUs' rings.
+
 /fail answers 500 without calling on; /login answers with a Set-Cookie; /slow waits 60 s
 before answering. Headers are not forwarded unless --forward is given. --token is accepted
 and unused (the secrets test puts a secret on the command line).
 """
 import argparse
 import http.client
+import os
 import time
 import http.server
 import socketserver
 import urllib.parse
 
 ARGS = None
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def hop(i):
+    """Moves the calling thread to CPUS[i] (it returns on that CPU) with --hop-cpus."""
+    if ARGS.hop_cpus:
+        os.sched_setaffinity(0, {CPUS[i]})
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -20,6 +31,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Headers and body are separate writes: without this, Nagle's algorithm holds the body
     # until the client's delayed ACK (40 ms a request on keep-alive connections).
     disable_nagle_algorithm = True
+
+    def handle(self):
+        hop(0)
+        super().handle()
 
     def do_POST(self):
         n = int(self.headers.get("Content-Length", "0"))
@@ -46,11 +61,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers = {}
             if ARGS.forward and self.headers.get("traceparent"):
                 headers["traceparent"] = self.headers["traceparent"]
+            hop(1)
             c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
             c.request("GET", (u.path or "/") + "?from=python", headers=headers)
             r = c.getresponse()
             body += r.read()
             c.close()
+            hop(0)
         self.answer(200, body)
 
     def answer(self, status, body):
@@ -75,6 +92,7 @@ def main():
     p.add_argument("--next")
     p.add_argument("--forward", action="store_true")
     p.add_argument("--token")
+    p.add_argument("--hop-cpus", action="store_true")
     ARGS = p.parse_args()
     Server(("127.0.0.1", ARGS.port), Handler).serve_forever()
 

@@ -7,7 +7,7 @@ use wirespan_tests::{
     Proc, SpanAgent, TempDir, chain_node, chain_python, curl, free_port, go_server, java_server,
     nginx,
     otlp::{Receiver, Span},
-    program, require_privileges,
+    program, require_privileges, service,
 };
 
 fn of<'a>(spans: &'a [Span], service: &str, kind: &str) -> Vec<&'a Span> {
@@ -202,6 +202,63 @@ fn three_service_chain_one_trace_per_request() {
     for root in roots {
         assert_eq!(root.parent, "");
         assert_chain_trace(&spans, root, c.ports, "connection");
+    }
+}
+
+/// Each CPU writes its own ring. A server thread that reads a request on one CPU and calls on
+/// from another has the two in different rings; read ring by ring, the call would come before
+/// or after the whole request and find no request on its thread. The agent merges the rings by
+/// time, so every call still joins its request's trace.
+#[test]
+fn a_thread_moving_between_cpus_keeps_its_spans_linked() {
+    require_privileges!();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: a thread can only move between CPUs on a machine with two or more");
+        return;
+    }
+    let dir = TempDir::new("hop").unwrap();
+    let ports = [free_port(), free_port()];
+    let _go = go_server(ports[1], &dir.0).unwrap();
+    let _py = service(
+        "gateway",
+        ports[0],
+        Command::new("python3").arg(program("chain.py")).args([
+            "--port",
+            &ports[0].to_string(),
+            "--next",
+            &format!("http://127.0.0.1:{}/hello", ports[1]),
+            "--hop-cpus",
+        ]),
+    )
+    .unwrap();
+    let receiver = Receiver::start().unwrap();
+    let agent = SpanAgent::to(&receiver).unwrap();
+    const REQUESTS: usize = 20;
+    let url = format!("http://127.0.0.1:{}/checkout", ports[0]);
+    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), REQUESTS).collect();
+    let mut args = vec!["-o", "/dev/null"];
+    args.extend(urls);
+    // One curl, its requests in sequence on one connection.
+    curl(&args).unwrap();
+    agent.stop().unwrap();
+    let spans = receive(&receiver, 4 * REQUESTS);
+    let servers = of(&spans, "gateway", "SERVER");
+    assert_eq!(servers.len(), REQUESTS, "{spans:#?}");
+    for server in servers {
+        let calls: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.parent == server.span_id && s.kind == "CLIENT")
+            .collect();
+        assert_eq!(calls.len(), 1, "the call under {server:#?}: {spans:#?}");
+        assert_eq!(calls[0].link(), "thread");
+        assert_eq!(calls[0].trace_id, server.trace_id);
+        let go: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.parent == calls[0].span_id && s.kind == "SERVER")
+            .collect();
+        assert_eq!(go.len(), 1, "{spans:#?}");
+        assert_eq!(go[0].link(), "connection");
     }
 }
 
