@@ -94,6 +94,8 @@ pub struct Ring {
     published: usize,
     /// The producer position last read: records before it are written or being written.
     producer_pos: usize,
+    /// The next record as `locate` found it, until it is read.
+    ahead: Option<(usize, usize, usize)>,
     /// A wrapped record, put together.
     wrapped: Vec<u8>,
     /// A header made no sense: reading stopped (said once; the kernel counts what it cannot
@@ -131,6 +133,7 @@ impl Ring {
             held: 0,
             published: 0,
             producer_pos: 0,
+            ahead: None,
             wrapped: Vec::new(),
             stopped: false,
             map,
@@ -193,6 +196,7 @@ impl Ring {
     pub fn read(&mut self) -> Option<&[u8]> {
         let (start, len, step) = self.locate()?;
         self.held = step;
+        self.ahead = None;
         if start + len <= self.size {
             return Some(&self.data()[start..start + len]);
         }
@@ -224,6 +228,10 @@ impl Ring {
     fn locate(&mut self) -> Option<(usize, usize, usize)> {
         if self.stopped {
             return None;
+        }
+        if let Some(found) = self.ahead {
+            // Peeked at and not read yet (the merge peeks at every ring for each record).
+            return Some(found);
         }
         self.pos += std::mem::take(&mut self.held);
         if self.pos - self.published >= PUBLISH_EVERY {
@@ -261,7 +269,9 @@ impl Ring {
                 self.pos += step;
                 continue;
             }
-            return Some(((offset + HEADER) & mask, len, step));
+            let found = ((offset + HEADER) & mask, len, step);
+            self.ahead = Some(found);
+            return Some(found);
         }
     }
 }
