@@ -136,12 +136,8 @@ impl Capture {
         if config.inert {
             kernel_layout.valid = 0;
         }
-        let cpus = aya::util::online_cpus().map_err(|(path, e)| {
-            CaptureError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
-        })?;
-        let possible = aya::util::nr_cpus().map_err(|(path, e)| {
-            CaptureError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
-        })?;
+        let cpus = aya::util::online_cpus().map_err(cpu_list_error)?;
+        let possible = aya::util::nr_cpus().map_err(cpu_list_error)?;
         let ring_bytes = ring_share(config.ring_bytes, cpus.len());
         let settings = Settings {
             capture_bytes: config.capture_bytes,
@@ -419,6 +415,11 @@ fn seed_blocked_threads(ebpf: &mut Ebpf, config: &CaptureConfig) {
         }
     }
     log::debug!("seeded {seeded} threads blocked in socket syscalls before attach");
+}
+
+/// An unreadable /sys/devices/system/cpu list, with its path.
+fn cpu_list_error((path, e): (&'static str, std::io::Error)) -> CaptureError {
+    CaptureError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
 }
 
 /// Each CPU's ring size: an equal share of `total` (a power of two, so the share is one when
