@@ -275,8 +275,8 @@ impl Capture {
             logger,
             ..
         } = self;
-        // SAFETY: the registered descriptor is owned by the ring buffer the AsyncFd takes
-        // ownership of, so it stays open for as long as it is registered.
+        // SAFETY: the registered descriptor (the rings' epoll set) is owned by the `Rings` the
+        // AsyncFd takes ownership of, so it stays open for as long as it is registered.
         let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| CaptureError::Io(e.into()))?;
         let mut logger = match logger {
@@ -293,13 +293,13 @@ impl Capture {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Records are read in batches: when the kernel writes faster than the agent reads,
-        // the ring never empties, and a drain that waited for that would never let the loop
-        // see a stop signal or a tick. `behind` says the last batch left records in the ring.
+        // the rings never empty, and a drain that waited for that would never let the loop
+        // see a stop signal or a tick. `behind` says the last batch left records in them.
         let mut behind = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    // Also a safety net: no record waits in the ring longer than a tick.
+                    // Also a safety net: no record waits in a ring longer than a tick.
                     behind = !drain(events.get_mut(), sink);
                     sink.idle(&read_lost(&lost));
                 }
@@ -333,9 +333,9 @@ impl Capture {
                 () = &mut shutdown => break,
             }
         }
-        // Read what is in the ring so nothing accepted is dropped at shutdown. The programs
-        // are still attached and under load the ring never empties: reading stops after a
-        // second (a full default ring takes a fraction of that), within the 5 s a node agent
+        // Read what is in the rings so nothing accepted is dropped at shutdown. The programs
+        // are still attached and under load the rings never empty: reading stops after a
+        // second (full default rings take a fraction of that), within the 5 s a node agent
         // gets to stop.
         let stop_reading = std::time::Instant::now() + SHUTDOWN_DRAIN;
         while !drain(events.get_mut(), sink) && std::time::Instant::now() < stop_reading {}
@@ -347,7 +347,7 @@ impl Capture {
 
 /// Records read before the loop looks at its other inputs again.
 const BATCH: usize = 4096;
-/// At shutdown, how long the ring is read at most.
+/// At shutdown, how long the rings are read at most.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Hands up to `BATCH` records in the rings to the sink; true when they are empty.

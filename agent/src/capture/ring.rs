@@ -41,6 +41,8 @@ pub enum RingError {
     Map(std::io::Error),
     #[error("reading the ring's size: {0}")]
     Info(aya::maps::MapError),
+    #[error("watching the rings (epoll): {0}")]
+    Epoll(std::io::Error),
 }
 
 /// One shared mapping, unmapped on drop.
@@ -304,7 +306,7 @@ impl Rings {
         // SAFETY: no preconditions; the result is checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
-            return Err(RingError::Map(std::io::Error::last_os_error()));
+            return Err(RingError::Epoll(std::io::Error::last_os_error()));
         }
         // SAFETY: a fresh descriptor owned by nothing else.
         let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
@@ -323,7 +325,7 @@ impl Rings {
                 )
             } < 0
             {
-                return Err(RingError::Map(std::io::Error::last_os_error()));
+                return Err(RingError::Epoll(std::io::Error::last_os_error()));
             }
         }
         Ok(Self { rings, epoll })
