@@ -570,7 +570,7 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
     ops::say(
         log_format,
         &format!(
-            "wirespan: {} events; {} spans: {} exported, {} dropped (queue full), {} failed to export, {} left to the process's own instrumentation, {} not sampled, {} kept by rule; http: {} malformed, {} oversized, {} truncated heads, {} calls skipped; {} invalid trace headers; {} connections not tracked (table full), {} requests given up, {} cut off by their process exiting; selection: {} processes traced, {} ignored, {} events dropped; lost in kernel: ring buffer full {}, in-flight table full {}, unreadable buffers {}",
+            "wirespan: {} events; {} spans: {} exported, {} dropped (queue full), {} failed to export, {} left to the process's own instrumentation, {} not sampled, {} kept by rule; http: {} malformed, {} oversized, {} truncated heads, {} calls skipped; {} invalid trace headers; {} connections not tracked (table full), {} requests given up, {} cut off by their process exiting; selection: {} processes traced, {} ignored, {} events dropped; lost in kernel: ring buffer full {}, unreadable buffers {}",
             s.events,
             s.spans,
             stats.exported.load(Ordering::Relaxed),
@@ -591,7 +591,6 @@ async fn run(config: Config, inert: bool) -> anyhow::Result<()> {
             selector.stats.ignored,
             selector.stats.events_dropped,
             lost.ringbuf_full,
-            lost.inflight_full,
             lost.read_failed
         ),
     );
@@ -657,7 +656,6 @@ impl<W: Write> Tracer<W> {
         let set = |a: &std::sync::atomic::AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
         set(&m.events, s.events);
         set(&m.lost_ringbuf, self.lost.ringbuf_full);
-        set(&m.lost_inflight, self.lost.inflight_full);
         set(&m.lost_read, self.lost.read_failed);
         set(&m.undecodable, s.undecodable_events);
         set(&m.http_malformed, s.http.malformed);
@@ -735,14 +733,13 @@ impl<W: Write> Tracer<W> {
         ops::say(
             self.log_format,
             &format!(
-                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} lost_inflight={} resynced_after_loss={} requests_given_up={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred} interned_strings={interned} selected_processes={}",
+                "wirespan: stats: events={} spans={} exported={} dropped={} failed={} lost_ringbuf={} resynced_after_loss={} requests_given_up={} connections={conns} processes={procs} remembered_spans={spans} client_index={clients} threads={threads} deferred={deferred} interned_strings={interned} selected_processes={}",
                 s.events,
                 s.spans,
                 e.exported.load(Ordering::Relaxed),
                 e.dropped_queue_full.load(Ordering::Relaxed),
                 e.failed.load(Ordering::Relaxed),
                 self.lost.ringbuf_full,
-                self.lost.inflight_full,
                 s.resynced_after_loss,
                 s.pending_dropped,
                 self.selector.tracked(),
@@ -783,8 +780,8 @@ async fn capture(args: CaptureArgs, config: Config) -> anyhow::Result<()> {
     } = printer;
     let _ = out.flush();
     eprintln!(
-        "wirespan: {events} events; lost in kernel: ring buffer full {}, in-flight table full {}, unreadable buffers {}; malformed records {decode_errors}",
-        lost.ringbuf_full, lost.inflight_full, lost.read_failed
+        "wirespan: {events} events; lost in kernel: ring buffer full {}, unreadable buffers {}; malformed records {decode_errors}",
+        lost.ringbuf_full, lost.read_failed
     );
     Ok(())
 }

@@ -23,7 +23,6 @@ pub struct Metrics {
     pub heartbeat_ms: AtomicU64,
     pub events: AtomicU64,
     pub lost_ringbuf: AtomicU64,
-    pub lost_inflight: AtomicU64,
     pub lost_read: AtomicU64,
     pub undecodable: AtomicU64,
     pub http_malformed: AtomicU64,
@@ -101,7 +100,6 @@ impl Metrics {
             "Socket events the kernel could not report.",
             &[
                 ("reason=\"ring_buffer_full\"", g(&self.lost_ringbuf)),
-                ("reason=\"inflight_table_full\"", g(&self.lost_inflight)),
                 ("reason=\"unreadable_buffer\"", g(&self.lost_read)),
                 ("reason=\"undecodable\"", g(&self.undecodable)),
             ],

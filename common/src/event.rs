@@ -16,7 +16,7 @@ pub mod kind {
     /// `EventHeader::offset` within the call.
     pub const DATA_MORE: u32 = 5;
     /// A `DATA` record that is the first on its socket (in this process) since a record of it
-    /// was lost (the ring was full, or the in-flight table): the bytes of the lost calls are
+    /// was lost (the ring was full): the bytes of the lost calls are
     /// missing between the two, in one direction or both, and what was in progress on the
     /// connection cannot be paired across them.
     pub const DATA_AFTER_LOSS: u32 = 6;
@@ -33,7 +33,7 @@ pub mod direction {
 
 /// The syscall that produced an event.
 pub mod syscall {
-    /// An in-flight record already taken by its exit (records are reused per thread).
+    /// A sending call's stamp already taken by its exit (stamps are reused per thread).
     pub const NONE: u32 = 0;
     pub const ACCEPT: u32 = 1;
     pub const ACCEPT4: u32 = 2;
@@ -164,35 +164,3 @@ const _: () = assert!(
 );
 // The programs read the payload's first word as one (see `starts_like_request`).
 const _: () = assert!(core::mem::offset_of!(EventBuf, data) % 8 == 0);
-
-/// A syscall between its enter and exit tracepoints, keyed by pid_tgid (one per thread).
-///
-/// Written by the enter programs of sending and connection calls (receiving calls need none),
-/// and by the agent at start for threads that were already blocked in such a call when the
-/// programs attached (their enter was never seen).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Inflight {
-    /// The user buffer, iovec array or msghdr, per `syscall`.
-    pub buf: u64,
-    /// Number of iovecs for readv/writev.
-    pub iovcnt: u64,
-    /// The socket found at enter (`struct sock *`); 0 means "look it up again at exit".
-    pub sk: u64,
-    pub ino: u64,
-    pub family: u32,
-    pub fd: i32,
-    /// One of `syscall::*`.
-    pub syscall: u32,
-    /// 1 when enter found that a record of this socket was lost before this call (the exit
-    /// sends `kind::DATA_AFTER_LOSS`); 0 otherwise and in seeded records.
-    pub after_loss: u32,
-    /// `bpf_ktime_get_ns()` at enter; 0 for records seeded by the agent.
-    pub enter_ns: u64,
-    pub _pad: u64,
-}
-const _: () = assert!(core::mem::size_of::<Inflight>() == 64);
-
-#[cfg(feature = "user")]
-// SAFETY: repr(C), integer fields only, no padding (size checked above).
-unsafe impl aya::Pod for Inflight {}

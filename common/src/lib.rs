@@ -34,7 +34,6 @@ pub mod names {
     pub const LOST: &str = "LOST";
     pub const LAYOUT: &str = "LAYOUT";
     pub const SETTINGS: &str = "SETTINGS";
-    pub const INFLIGHT: &str = "INFLIGHT";
 }
 
 /// Values of the `PID_FILTER` map.
@@ -53,11 +52,9 @@ pub mod pid_filter {
 pub mod lost {
     /// The ring buffer was full: an event was dropped.
     pub const RINGBUF_FULL: u32 = 0;
-    /// The per-thread in-flight syscall table was full: a syscall was not followed.
-    pub const INFLIGHT_FULL: u32 = 1;
     /// A user buffer could not be read (e.g. paged out): the event was sent without bytes.
-    pub const READ_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    pub const READ_FAILED: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Runtime settings the agent writes into the kernel programs' `SETTINGS` global at load.

@@ -1,13 +1,13 @@
 //! Maps and globals shared by every program.
 
 use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type},
     btf_maps::{ArrayOfMaps, RingBuf},
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
     macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
-use wirespan_common::{EventBuf, Inflight, KernelLayout, Settings, lost};
-
-use crate::sock::TcpSock;
+use wirespan_common::{EventBuf, KernelLayout, Settings, lost};
 
 /// Filled by the agent at load time from BTF and the tracepoint format files.
 #[unsafe(no_mangle)]
@@ -40,21 +40,70 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::COUNT, 0
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
 
-/// The socket of an in-flight record made at enter.
-#[inline(always)]
-pub fn inflight_sock(inflight: &Inflight) -> TcpSock {
-    let mut sock = TcpSock::known(
-        inflight.sk as *const u8,
-        inflight.ino,
-        inflight.family as u16,
-    );
-    sock.after_loss = inflight.after_loss != 0;
-    sock
+/// When a thread's sending call began: written by the enter program, taken by the exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stamp {
+    /// `bpf_ktime_get_ns()` at enter.
+    pub enter_ns: u64,
+    /// The call's `syscall::*`; `syscall::NONE` once its exit took it.
+    pub syscall: u32,
+    pub _pad: u32,
 }
 
-/// LRU so that a thread that never returns (killed in the syscall) cannot leak an entry.
-#[map(name = "INFLIGHT")]
-pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(65536, 0);
+/// A task-local storage map (`BPF_MAP_TYPE_TASK_STORAGE`), in the BTF form the kernel wants
+/// for one: aya-ebpf has no type for it. The value lives with the task: found through the
+/// task's own storage list (no hashing), and freed with the task.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; nothing dereferences them.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The current task's value, created zeroed if `create` and there is none. Only the
+    /// current task's program touches it: tracepoint programs do not nest on one CPU, and a
+    /// task runs on one CPU at a time.
+    #[inline(always)]
+    pub fn current(&self, create: bool) -> Option<*mut T> {
+        let flags = if create {
+            BPF_LOCAL_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        // SAFETY: the map pointer is this map's; the task pointer is the BTF-typed current
+        // task, valid while the program runs; the value pointer is null (zero-fill on create).
+        let value = unsafe {
+            bpf_task_storage_get(
+                self as *const Self as *mut core::ffi::c_void,
+                bpf_get_current_task_btf(),
+                core::ptr::null_mut(),
+                flags,
+            )
+        } as *mut T;
+        (!value.is_null()).then_some(value)
+    }
+}
+
+/// Each thread's last sending call's start (see `Stamp`).
+#[btf_map]
+pub static STAMPS: TaskStorage<Stamp> = TaskStorage::new();
 
 /// Reads one field of a global the agent wrote at load time.
 ///

@@ -16,16 +16,14 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use wirespan_common::{
-    EventHeader, Inflight, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, SYSCALL_ARG_REGS, TP_ARGS,
-    TP_RET, direction, kind, lost, pid_filter, syscall,
+    EventHeader, MAX_CAPTURE, MAX_HEAD_CAPTURE, MAX_MORE, SYSCALL_ARG_REGS, TP_ARGS, TP_RET,
+    direction, kind, lost, pid_filter, syscall,
 };
 
 use crate::{
-    maps::{
-        Config, HEADS, INFLIGHT, Layout, PID_FILTER, SCRATCH, count_lost, inflight_sock, output,
-    },
+    maps::{Config, HEADS, Layout, PID_FILTER, SCRATCH, STAMPS, count_lost, output},
     payload,
     sock::{TcpSock, fill_endpoints, first_connect, mark_lost, tcp_socket},
 };
@@ -134,83 +132,56 @@ fn traced_caller() -> Option<u64> {
     traced((pid_tgid >> 32) as u32).then_some(pid_tgid)
 }
 
-/// Records a syscall on a TCP socket of a traced process until its exit.
+/// Notes when a sending call of a traced process began, for its exit (see `Stamp`). Nothing
+/// else happens at enter: the exit reads the arguments from the saved registers and checks the
+/// descriptor then. A thread that already has a stamp belongs to a process that was traced
+/// when it got it: the exit checks the pid filter again before it sends anything.
 #[inline(always)]
-fn enter(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
-    let Some(pid_tgid) = traced_caller() else {
+fn enter_egress(id: u32) -> u32 {
+    if Layout.valid() == 0 {
         return 0;
+    }
+    let stamp = match STAMPS.current(false) {
+        Some(stamp) => stamp,
+        None => {
+            if traced_caller().is_none() {
+                return 0;
+            }
+            // A failed allocation leaves the call without a stamp: its exit uses its own time.
+            let Some(stamp) = STAMPS.current(true) else {
+                return 0;
+            };
+            stamp
+        }
     };
-    let fd = arg(ctx, at.fd) as i64;
-    let Some(sock) = tcp_socket(pid_tgid, fd) else {
-        return 0;
-    };
-    let inflight = Inflight {
-        sk: sock.sk as u64,
-        ino: sock.ino,
-        family: sock.family as u32,
-        buf: arg(ctx, at.buf),
-        iovcnt: arg(ctx, at.count),
-        fd: fd as i32,
-        syscall: id,
-        after_loss: sock.after_loss as u32,
-        // SAFETY: a helper without preconditions.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
-        _pad: 0,
-    };
-    // A thread's record stays in the table between its calls and is rewritten in place: an
-    // insert and a delete per call cost more than the lookup (the LRU still evicts the
-    // records of threads that went away).
-    if let Some(slot) = INFLIGHT.get_ptr_mut(pid_tgid) {
-        // SAFETY: only this thread writes its own record, and it is in this syscall.
-        unsafe { *slot = inflight };
-    } else if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        lose_call(pid_tgid, fd, lost::INFLIGHT_FULL);
-        warn!(
-            ctx,
-            "wirespan: in-flight table full, syscall {} not followed", id
-        );
+    // SAFETY: the current task's own value (see `TaskStorage::current`).
+    unsafe {
+        (*stamp).syscall = id;
+        (*stamp).enter_ns = bpf_ktime_get_ns();
     }
     0
 }
 
-/// Takes this thread's in-flight record if it belongs to syscall `id`; the record is marked
-/// taken (`syscall::NONE`) in place either way.
+/// When this thread's sending call `id` began, taking its stamp; 0 when its enter was not seen
+/// (the thread was already in the call when the programs attached).
 #[inline(always)]
-fn take_inflight(pid_tgid: u64, id: u32) -> Option<Inflight> {
-    if Layout.valid() == 0 {
-        return None;
-    }
-    let slot = INFLIGHT.get_ptr_mut(pid_tgid)?;
-    // SAFETY: only this thread (or the agent, seeding it before the programs saw the thread's
-    // call) writes its record; the value is copied out before it is marked taken.
-    let found = unsafe {
-        let found = *slot;
-        if found.syscall == syscall::NONE {
-            return None;
-        }
-        (*slot).syscall = syscall::NONE;
-        found
+fn take_stamp(id: u32) -> u64 {
+    let Some(stamp) = STAMPS.current(false) else {
+        return 0;
     };
-    (found.syscall == id).then_some(found)
+    // SAFETY: the current task's own value (see `TaskStorage::current`).
+    unsafe {
+        if (*stamp).syscall != id {
+            return 0;
+        }
+        (*stamp).syscall = syscall::NONE;
+        (*stamp).enter_ns
+    }
 }
 
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
     record(ctx, TP_RET)
-}
-
-/// The socket of an in-flight record.
-///
-/// The syscall holds a reference on the file until it returns, so a socket found at enter is
-/// still alive here. Records the agent seeded for threads blocked before attach carry no
-/// socket pointer: the descriptor is resolved now (it is still held by the same syscall).
-#[inline(always)]
-fn resolve(pid_tgid: u64, inflight: &Inflight) -> Option<TcpSock> {
-    if inflight.sk == 0 {
-        tcp_socket(pid_tgid, inflight.fd as i64)
-    } else {
-        Some(inflight_sock(inflight))
-    }
 }
 
 /// What to put after the header.
@@ -428,8 +399,7 @@ fn exit_args(at: Args) -> (i64, u64, u64, u32) {
 }
 
 /// Exit of a receiving syscall: its arguments come from the saved registers, so it needs no
-/// enter program and no in-flight record (half the programs and none of the table work per
-/// received call). Egress calls keep their enter program for the time before the bytes left.
+/// enter program. Sending calls keep theirs for the time before the bytes left.
 #[inline(always)]
 fn exit_ingress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     // First what costs nothing: a non-blocking server's reads that find nothing (a tenth of
@@ -475,45 +445,44 @@ macro_rules! ingress_syscall {
     };
 }
 
-/// Exit of a sending syscall: report `ret` bytes, with a prefix.
+/// Exit of a sending syscall: report `ret` bytes, with a prefix. Its arguments come from the
+/// saved registers, like a receiving call's; the enter program only noted the time.
 #[inline(always)]
-fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = take_inflight(pid_tgid, id) else {
-        return 0;
-    };
+fn exit_egress(ctx: &TracePointContext, id: u32, at: Args) -> u32 {
     let len = ret(ctx);
     if len <= 0 {
-        if inflight.after_loss != 0 {
-            // Nothing sent: the mark enter took waits for the socket's next record.
-            mark_lost(pid_tgid, inflight.fd as i64);
-        }
         return 0;
     }
-    let Some(sock) = resolve(pid_tgid, &inflight) else {
-        // Only records seeded by the agent get here (enter already checked its own).
-        debug!(
-            ctx,
-            "wirespan: fd {} of thread {} blocked before start is not a TCP socket",
-            inflight.fd,
-            pid_tgid as u32
-        );
+    let enter_ns = take_stamp(id);
+    let Some(pid_tgid) = traced_caller() else {
         return 0;
     };
+    let (fd, buf, count, _) = exit_args(at);
+    let Some(sock) = tcp_socket(pid_tgid, fd) else {
+        return 0;
+    };
+    if enter_ns == 0 {
+        debug!(
+            ctx,
+            "wirespan: thread {} was already sending on fd {} when the programs attached; its call is timed at its exit",
+            pid_tgid as u32,
+            fd
+        );
+    }
     let payload = match id {
-        syscall::WRITEV => Payload::Iov(inflight.buf, inflight.iovcnt),
-        syscall::SENDMSG => Payload::Msghdr(inflight.buf),
+        syscall::WRITEV => Payload::Iov(buf, count),
+        syscall::SENDMSG => Payload::Msghdr(buf),
         syscall::SENDFILE => Payload::None,
-        _ => Payload::Buf(inflight.buf),
+        _ => Payload::Buf(buf),
     };
     emit(
         pid_tgid,
-        inflight.fd,
+        fd as i32,
         &sock,
         (kind::DATA, id, direction::EGRESS),
         len as u64,
         payload,
-        inflight.enter_ns,
+        enter_ns,
         false,
     );
     0
@@ -522,13 +491,13 @@ fn exit_egress(ctx: &TracePointContext, id: u32) -> u32 {
 macro_rules! egress_syscall {
     ($enter:ident, $exit:ident, $id:expr, $args:expr) => {
         #[tracepoint]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter(&ctx, $id, $args)
+        pub fn $enter(_ctx: TracePointContext) -> u32 {
+            enter_egress($id)
         }
 
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_egress(&ctx, $id)
+            exit_egress(&ctx, $id, $args)
         }
     };
 }
@@ -569,16 +538,16 @@ egress_syscall!(
 );
 
 /// Exit of accept/accept4: the returned descriptor is the server side of a new connection.
+/// No enter program: the result is all it needs.
 #[inline(always)]
 fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if take_inflight(pid_tgid, id).is_none() {
-        return 0;
-    }
     let fd = ret(ctx);
     if fd < 0 {
         return 0;
     }
+    let Some(pid_tgid) = traced_caller() else {
+        return 0;
+    };
     if let Some(sock) = tcp_socket(pid_tgid, fd) {
         emit(
             pid_tgid,
@@ -595,18 +564,8 @@ fn exit_accept(ctx: &TracePointContext, id: u32) -> u32 {
 }
 
 #[tracepoint]
-pub fn sock_enter_accept(ctx: TracePointContext) -> u32 {
-    enter(&ctx, syscall::ACCEPT, args(0, NO_ARG, NO_ARG, NO_ARG))
-}
-
-#[tracepoint]
 pub fn sock_exit_accept(ctx: TracePointContext) -> u32 {
     exit_accept(&ctx, syscall::ACCEPT)
-}
-
-#[tracepoint]
-pub fn sock_enter_accept4(ctx: TracePointContext) -> u32 {
-    enter(&ctx, syscall::ACCEPT4, args(0, NO_ARG, NO_ARG, NO_ARG))
 }
 
 #[tracepoint]
@@ -614,27 +573,23 @@ pub fn sock_exit_accept4(ctx: TracePointContext) -> u32 {
     exit_accept(&ctx, syscall::ACCEPT4)
 }
 
-#[tracepoint]
-pub fn sock_enter_connect(ctx: TracePointContext) -> u32 {
-    enter(&ctx, syscall::CONNECT, args(0, NO_ARG, NO_ARG, NO_ARG))
-}
-
-/// Exit of connect: the descriptor is the client side of a connection (also when non-blocking
-/// connect is still in progress: the endpoints are already bound).
+/// Exit of connect: the descriptor (from the saved registers) is the client side of a
+/// connection, also when a non-blocking connect is still in progress (the endpoints are
+/// already bound).
 #[tracepoint]
 pub fn sock_exit_connect(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = take_inflight(pid_tgid, syscall::CONNECT) else {
-        return 0;
-    };
     let r = ret(&ctx);
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    if let Some(sock) = resolve(pid_tgid, &inflight) {
+    let Some(pid_tgid) = traced_caller() else {
+        return 0;
+    };
+    let (fd, _, _, _) = exit_args(args(0, NO_ARG, NO_ARG, NO_ARG));
+    if let Some(sock) = tcp_socket(pid_tgid, fd) {
         emit(
             pid_tgid,
-            inflight.fd,
+            fd as i32,
             &sock,
             (kind::CONNECT, syscall::CONNECT, direction::NONE),
             0,

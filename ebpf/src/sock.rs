@@ -35,8 +35,7 @@ pub struct TcpSock {
 }
 
 impl TcpSock {
-    /// A socket known from an earlier program (an in-flight record): its endpoints are read
-    /// when needed.
+    /// A socket found in the `SOCKS` cache: its endpoints are read when needed.
     #[inline(always)]
     pub fn known(sk: *const u8, ino: u64, family: u16) -> Self {
         Self {
@@ -57,8 +56,8 @@ fn sock_key(pid_tgid: u64, fd: i64) -> u64 {
 
 /// Notes that the record of a call on descriptor `fd` of the current process was lost: the
 /// next record of that socket is sent as `kind::DATA_AFTER_LOSS`, so the agent does not pair
-/// a request with a response across the missing bytes. Only on a loss (the ring or the
-/// in-flight table full). A socket whose cache entry was evicted meanwhile cannot be marked;
+/// a request with a response across the missing bytes. Only on a loss (the ring full). A
+/// socket whose cache entry was evicted meanwhile cannot be marked;
 /// its loss is still counted.
 #[inline(always)]
 pub fn mark_lost(pid_tgid: u64, fd: i64) {

@@ -476,18 +476,18 @@ fn pid_option_traces_only_that_process_and_never_wirespan_itself() {
     assert!(events.iter().all(|e| e.pid != agent_pid));
 }
 
-/// The kernel's aya-log diagnostics reach the agent's log: a thread blocked in send on a full
-/// unix socket at start is seeded (userspace sees only "a socket"), and the kernel says at
-/// exit that it is not TCP instead of reporting it.
+/// A thread already blocked in send on a TCP connection when the agent starts (its enter was
+/// never seen) has its call reported when it returns, with its length and bytes, and the
+/// kernel's aya-log diagnostic saying so reaches the agent's log.
 #[test]
-fn kernel_diagnostics_reach_the_agent_log() {
+fn a_send_blocked_before_start_is_reported_when_it_returns() {
     require_privileges!();
     use std::io::{BufRead, BufReader, Write};
     let mut cmd = std::process::Command::new("python3");
-    cmd.arg(wirespan_tests::program("blocked_unix.py"))
+    cmd.arg(wirespan_tests::program("blocked_tcp_send.py"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped());
-    let mut proc = wirespan_tests::Proc::spawn("blocked_unix.py", &mut cmd).unwrap();
+    let mut proc = wirespan_tests::Proc::spawn("blocked_tcp_send.py", &mut cmd).unwrap();
     let mut out = BufReader::new(proc.child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -500,15 +500,21 @@ fn kernel_diagnostics_reach_the_agent_log() {
     stdin.flush().unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "done");
+    assert_eq!(line.trim(), "sent 65536");
     let (events, log) = agent.stop_with_log().unwrap();
+    let sends: Vec<_> = events
+        .iter()
+        .filter(|e| e.pid == proc.pid() && e.kind == "egress")
+        .collect();
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    assert_eq!(sends[0].len, 65536);
     assert!(
-        events.is_empty(),
-        "a unix socket is never reported: {events:?}"
+        sends[0].data.starts_with(b"BLOCKED-SEND yyy"),
+        "{:?}",
+        sends[0]
     );
     assert!(
-        log.iter()
-            .any(|l| l.contains("blocked before start is not a TCP socket")),
+        log.iter().any(|l| l.contains("was already sending on fd")),
         "no kernel diagnostic in the agent's log: {log:?}"
     );
 }

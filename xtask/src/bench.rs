@@ -538,7 +538,10 @@ fn nginx_scenario(root: &Path, args: &BenchArgs, sink: &mut Sink) -> anyhow::Res
                         "agent_cpu_ns_per_span",
                         cpu_run as f64 / spans.max(1) as f64,
                     );
-                    m.insert("lost_ringbuf", summary_number(&summary, "in-flight") as f64);
+                    m.insert(
+                        "lost_ringbuf",
+                        summary_number(&summary, "unreadable buffers") as f64,
+                    );
                     m.insert(
                         "spans_dropped",
                         summary_number(&summary, "dropped (queue full)") as f64,

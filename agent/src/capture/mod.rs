@@ -1,6 +1,5 @@
 //! Loading the kernel programs, attaching them, and reading their events.
 
-pub mod blocked;
 pub mod btf;
 pub mod event;
 pub mod layout;
@@ -99,7 +98,6 @@ pub struct AttachFailure {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Lost {
     pub ringbuf_full: u64,
-    pub inflight_full: u64,
     pub read_failed: u64,
 }
 
@@ -153,6 +151,8 @@ impl Capture {
         // second time was most of the agent's start-up memory peak.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
+            // STAMPS is a task-local storage map, which aya creates but has no type for.
+            .allow_unsupported_maps()
             .override_global(names::LAYOUT, &kernel_layout, true)
             .override_global(names::SETTINGS, &settings, true)
             .map_max_entries(names::EVENTS, possible as u32)
@@ -205,8 +205,8 @@ impl Capture {
         let mut attached = Vec::new();
         let mut failures = Vec::new();
         for probe in PROBES {
-            // The exit program first: an enter without its exit would only fill the in-flight
-            // table.
+            // The exit program first: an enter without its exit would only write stamps no exit
+            // takes.
             let mut programs = vec![];
             if let Some(exit) = probe.exit {
                 programs.push((exit, format!("sys_exit_{}", probe.syscall)));
@@ -234,8 +234,6 @@ impl Capture {
                 .unwrap_or_else(|| "none".into());
             return Err(CaptureError::NothingAttached { reason, first });
         }
-
-        seed_blocked_threads(&mut ebpf, config);
 
         let lost = take_map(&mut ebpf, names::LOST)?;
         let pid_filter = take_map(&mut ebpf, names::PID_FILTER)
@@ -379,44 +377,6 @@ impl PidFilter {
     }
 }
 
-/// Seeds in-flight records for threads blocked in socket syscalls since before attach (see
-/// `blocked`). Never overwrites a record a live enter program made (BPF_NOEXIST).
-fn seed_blocked_threads(ebpf: &mut Ebpf, config: &CaptureConfig) {
-    const BPF_NOEXIST: u64 = 1;
-    let me = std::process::id();
-    let traced = |pid: u32| {
-        pid != me
-            && !config.exclude_pids.contains(&pid)
-            && (config.pids.is_empty() || config.pids.contains(&pid))
-    };
-    let seeds = blocked::scan(Path::new("/proc"), traced);
-    let Some(map) = ebpf.map_mut(names::INFLIGHT) else {
-        log::warn!(
-            "no {} map: syscalls blocked before start will be missed",
-            names::INFLIGHT
-        );
-        return;
-    };
-    let mut inflight = match HashMap::<&mut MapData, u64, wirespan_common::Inflight>::try_from(map)
-    {
-        Ok(m) => m,
-        Err(e) => {
-            log::warn!(
-                "{}: {e}: syscalls blocked before start will be missed",
-                names::INFLIGHT
-            );
-            return;
-        }
-    };
-    let mut seeded = 0;
-    for (key, record) in seeds {
-        if inflight.insert(key, record, BPF_NOEXIST).is_ok() {
-            seeded += 1;
-        }
-    }
-    log::debug!("seeded {seeded} threads blocked in socket syscalls before attach");
-}
-
 /// An unreadable /sys/devices/system/cpu list, with its path.
 fn cpu_list_error((path, e): (&'static str, std::io::Error)) -> CaptureError {
     CaptureError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
@@ -486,7 +446,6 @@ fn read_lost(map: &PerCpuArray<MapData, u64>) -> Lost {
     };
     Lost {
         ringbuf_full: sum(lost::RINGBUF_FULL),
-        inflight_full: sum(lost::INFLIGHT_FULL),
         read_failed: sum(lost::READ_FAILED),
     }
 }

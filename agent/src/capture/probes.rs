@@ -73,24 +73,24 @@ pub const PROBES: &[Probe] = &[
         "sock_exit_sendfile64",
         Role::Egress,
     ),
-    pair(
-        "accept",
-        "sock_enter_accept",
-        "sock_exit_accept",
-        Role::Lifecycle,
-    ),
-    pair(
-        "accept4",
-        "sock_enter_accept4",
-        "sock_exit_accept4",
-        Role::Lifecycle,
-    ),
-    pair(
-        "connect",
-        "sock_enter_connect",
-        "sock_exit_connect",
-        Role::Lifecycle,
-    ),
+    Probe {
+        syscall: "accept",
+        enter: None,
+        exit: Some("sock_exit_accept"),
+        role: Role::Lifecycle,
+    },
+    Probe {
+        syscall: "accept4",
+        enter: None,
+        exit: Some("sock_exit_accept4"),
+        role: Role::Lifecycle,
+    },
+    Probe {
+        syscall: "connect",
+        enter: None,
+        exit: Some("sock_exit_connect"),
+        role: Role::Lifecycle,
+    },
     Probe {
         syscall: "close",
         enter: Some("sock_enter_close"),
